@@ -1,0 +1,9 @@
+"""Test-wide settings: float64 everywhere (the exactness tests need it), CPU only."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpyro  # noqa: E402
+
+numpyro.enable_x64()
