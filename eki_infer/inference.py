@@ -1,0 +1,482 @@
+"""EKIInference: the user-facing engine, shaped like NumPyro's ``MCMC``.
+
+It glues the three independent layers together and is the only module that knows them
+all: the tracer (model → :class:`~eki_infer.tracing.InverseProblem`), a process
+(EKI, EKS or UKI over whitened parameters u) and a scheduler (the step Δt), and it
+turns the final ensemble into an ArviZ object.
+
+One iteration, for all chains at once:
+
+1. ``evaluate`` (one jitted call): the process's points (members or sigma points) for
+   every chain, pushed through the model once each (``vmap`` over points and chains),
+   giving the constrained values and the forward outputs G(u); rows with NaN/inf fail.
+2. Host-side checks: at least two successful members per running chain, else
+   :class:`~eki_infer.processes.EnsembleFailureError` naming the iteration.
+3. ``advance`` (one jitted call): the scheduler's Δt from the whitened residuals, the
+   process update, and the history statistics. A non-finite Δt (degenerate data-misfit
+   controller) raises :class:`SchedulerError` naming the iteration.
+
+Chains are independent ensembles. Chain c draws from ``fold_in(rng_key, c)`` and
+iteration n of chain c from ``fold_in(chain_key, n)``, so the same key gives the same
+result bit for bit and chain 0 is the same whatever ``num_chains`` is. Chains that
+finish early (the data-misfit controller reached T) are frozen by Δt = 0 while the
+others go on.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eki_infer import processes as _processes
+from eki_infer import schedulers as _schedulers
+from eki_infer.convert import group, to_arviz
+from eki_infer.tracing import trace_model
+
+__all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
+
+METHODS = ("eki", "eks", "uki")
+
+
+class SchedulerError(RuntimeError):
+    """The scheduler produced no usable step (non-finite or non-positive Δt)."""
+
+
+class RunHistory(NamedTuple):
+    """Per-iteration record of a run; every field has shape (num_chains, num_iterations).
+
+    Iteration n describes the ensemble *before* update n: its time ``t`` (after the
+    update), the step ``dt`` taken (0 once a chain has finished), the mean and standard
+    deviation over successful members of the data misfit ½‖Γ^{-1/2}(y − G(u))‖², the
+    number of failed members, the cumulative number of forward-model evaluations, and
+    the cumulative wall time in seconds (shared by all chains).
+    """
+
+    t: np.ndarray
+    dt: np.ndarray
+    misfit_mean: np.ndarray
+    misfit_sd: np.ndarray
+    num_failed: np.ndarray
+    forward_evaluations: np.ndarray
+    wall_time: np.ndarray
+
+
+def default_ensemble_size(dim: int) -> int:
+    """Ten members per parameter, at least 100 and at most 1000.
+
+    EKI keeps its members in the span of the initial ensemble, so J ≥ d + 1 is needed
+    for a full-rank posterior covariance; Monte-Carlo error falls like J^{-1/2}. Ten per
+    parameter keeps that error near 0.1 posterior sd on near-Gaussian problems.
+    """
+    return int(min(max(100, 10 * dim), 1000))
+
+
+def _default_max_iterations(method: str) -> int:
+    return {"eki": 100, "uki": 100, "eks": 200}[method]
+
+
+class EKIInference:
+    """Derivative-free posterior approximation of a NumPyro model by an ensemble Kalman
+    method, run from the prior to the posterior.
+
+    Args:
+        model: a NumPyro model with continuous latent sites and Gaussian observation
+            sites with known noise.
+        method: ``"eki"`` (ensemble Kalman inversion, tempered from prior to T = 1 by the
+            data-misfit controller), ``"eks"`` (ensemble Kalman sampler with the ALDI
+            correction, run to equilibrium under the stable scheduler) or ``"uki"``
+            (unscented Kalman inversion as unscented tempering to T = 1).
+        ensemble_size: members per chain (EKI/EKS). Default
+            :func:`default_ensemble_size` of the latent dimension. UKI uses 2d + 1
+            sigma points and ignores it.
+        num_chains: independent ensembles, run side by side (vmapped).
+        scheduler: a scheduler from :mod:`eki_infer.schedulers`. Default: the
+            data-misfit controller to T = 1 for EKI and UKI, ``EKSStableScheduler`` for
+            EKS.
+        max_iterations: upper bound on iterations (default 100 for EKI/UKI, 200 for
+            EKS). EKS and schedulers that never terminate run exactly this many.
+        num_samples: posterior draws per chain for UKI (from its Gaussian).
+        eki_variant: ``"perturbed"`` (perturbed observations, default) or
+            ``"transform"`` (deterministic square-root update).
+        aldi: EKS with the ALDI finite-ensemble correction (default True).
+        uki_mode: ``"tempering"`` (default, prior to T = 1) or ``"iterative"``.
+        chain_method: ``"vectorized"`` (default: all chains in one vmapped computation)
+            or ``"sequential"`` (one chain after another, less memory). Either way chain
+            c depends only on ``(rng_key, c)``; sequential chains are bit-identical
+            whatever ``num_chains`` is, vectorized ones agree to floating-point rounding
+            (XLA may pick other kernels for another batch size).
+        progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
+    """
+
+    def __init__(
+        self,
+        model,
+        method: str = "eki",
+        *,
+        ensemble_size: int | None = None,
+        num_chains: int = 1,
+        scheduler=None,
+        max_iterations: int | None = None,
+        num_samples: int = 1000,
+        eki_variant: str = "perturbed",
+        aldi: bool = True,
+        uki_mode: str = "tempering",
+        chain_method: str = "vectorized",
+        progress_bar: bool = True,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        if int(num_chains) < 1:
+            raise ValueError(f"num_chains must be a positive integer, got {num_chains}.")
+        if ensemble_size is not None and int(ensemble_size) < 2:
+            raise ValueError(
+                f"ensemble_size must be at least 2 (ensemble covariances need two members), "
+                f"got {ensemble_size}."
+            )
+        if max_iterations is not None and int(max_iterations) < 1:
+            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
+        if chain_method not in ("vectorized", "sequential"):
+            raise ValueError(
+                f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}."
+            )
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples}.")
+        self.model = model
+        self.method = method
+        self.ensemble_size = None if ensemble_size is None else int(ensemble_size)
+        self.num_chains = int(num_chains)
+        self.scheduler = scheduler
+        self.max_iterations = (
+            _default_max_iterations(method) if max_iterations is None else int(max_iterations)
+        )
+        self.num_samples = int(num_samples)
+        self.eki_variant = eki_variant
+        self.aldi = bool(aldi)
+        self.uki_mode = uki_mode
+        self.chain_method = chain_method
+        self.progress_bar = bool(progress_bar)
+        self.problem = None
+        self.inference_data = None
+        self.history: RunHistory | None = None
+        self._samples = None
+        self._final_state = None
+
+    # ------------------------------------------------------------------ set-up
+    def _make_process(self, dim: int):
+        if self.method == "uki":
+            return _processes.uki(mode=self.uki_mode)
+        size = self.ensemble_size or default_ensemble_size(dim)
+        if size <= dim:
+            warnings.warn(
+                f"ensemble_size={size} is not larger than the latent dimension d={dim}: "
+                "the ensemble spans at most a (J-1)-dimensional subspace, so the posterior "
+                "covariance is rank-deficient. Use ensemble_size > d for a full-rank posterior.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.method == "eki":
+            return _processes.eki(size, variant=self.eki_variant)
+        return _processes.eks(size, aldi=self.aldi)
+
+    def _make_scheduler(self):
+        if self.scheduler is None:
+            return _schedulers.default_scheduler(self.method)
+        _schedulers.check_scheduler(self.method, self.scheduler)
+        return self.scheduler
+
+    # ------------------------------------------------------------------ running
+    def run(self, rng_key, *model_args, **model_kwargs):
+        """Runs all chains from the prior to the posterior; returns the ArviZ object
+        (``InferenceData`` on arviz 0.x, ``xarray.DataTree`` on arviz 1.x) and keeps it
+        as ``self.inference_data``."""
+        problem = trace_model(self.model, *model_args, **model_kwargs)
+        self.problem = problem
+        process = self._make_process(problem.dim)
+        scheduler = self._make_scheduler()
+        evaluate = jax.jit(_make_evaluate(problem, process))
+        advance = jax.jit(_make_advance(process, scheduler))
+        if self.chain_method == "vectorized":
+            groups = [np.arange(self.num_chains)]
+        else:
+            groups = [np.array([c]) for c in range(self.num_chains)]
+        runs = [
+            self._run_chains(rng_key, ids, problem, process, scheduler, evaluate, advance)
+            for ids in groups
+        ]
+        run = _merge_runs(runs)
+        if not run.done.all() and _terminates(scheduler):
+            warnings.warn(
+                f"max_iterations={self.max_iterations} reached before the scheduler reached "
+                f"its final time (t = {run.t.tolist()}); the ensemble is not yet the T = 1 "
+                "posterior approximation. Increase max_iterations.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.history = RunHistory(**run.records)
+        self._final_state = run.state
+        self.inference_data = self._to_arviz(problem, run, scheduler)
+        return self.inference_data
+
+    def _run_chains(self, rng_key, chain_ids, problem, process, scheduler, evaluate, advance):
+        """Runs the chains ``chain_ids`` side by side (vmapped) to termination."""
+        num_chains = len(chain_ids)
+        y, noise = problem.observations, problem.noise
+        chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.asarray(chain_ids))
+        init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
+        states = jax.vmap(process.init, in_axes=(0, None))(init_keys, problem.dim)
+        sched_states = jax.vmap(lambda _: scheduler.init())(jnp.arange(num_chains))
+
+        records = {name: [] for name in RunHistory._fields}
+        evaluations = np.zeros(num_chains, dtype=np.int64)
+        initial_values = None
+        start = time.perf_counter()
+        label = self.method.upper() + (f" chain {chain_ids[0]}" if num_chains == 1 else "")
+        bar = _progress(self.progress_bar, self.max_iterations, label)
+        try:
+            for iteration in range(self.max_iterations + 1):
+                was_done = np.asarray(sched_states.done)
+                points, values, outputs, failed = evaluate(states)
+                if initial_values is None:
+                    initial_values = values
+                failed_np = np.asarray(failed)
+                evaluations += np.where(was_done, 0, failed_np.shape[1])
+                if was_done.all() or iteration == self.max_iterations:
+                    break
+                _processes.check_failures(failed_np[~was_done], iteration)
+                step_keys = jax.vmap(lambda k, n=iteration: jax.random.fold_in(k, n + 1))(
+                    chain_keys
+                )
+                states, sched_states, dt, stats = advance(
+                    step_keys, states, sched_states, outputs, failed, y, noise
+                )
+                dt = np.asarray(dt)
+                bad = ~was_done & ~(np.isfinite(dt) & (dt > 0))
+                if bad.any():
+                    raise SchedulerError(
+                        f"{type(scheduler).__name__} gave no usable step at iteration "
+                        f"{iteration} (chains {np.asarray(chain_ids)[bad].tolist()}: "
+                        f"dt={dt[bad]}). The data misfit is degenerate: all members agree "
+                        "exactly or are infinitely far from the data. Check the forward map "
+                        "and the noise."
+                    )
+                misfit_mean, misfit_sd = (np.asarray(s) for s in stats)
+                records["t"].append(np.asarray(sched_states.t))
+                records["dt"].append(dt)
+                records["misfit_mean"].append(misfit_mean)
+                records["misfit_sd"].append(misfit_sd)
+                records["num_failed"].append(failed_np.sum(axis=1))
+                records["forward_evaluations"].append(evaluations.copy())
+                records["wall_time"].append(np.full(num_chains, time.perf_counter() - start))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        t=f"{float(np.min(sched_states.t)):.3g}",
+                        dt=f"{float(np.max(dt)):.2e}",
+                        misfit=f"{float(np.mean(misfit_mean)):.3g}",
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+
+        final_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**30))(chain_keys)
+        if self.method == "uki":
+            # UKI's posterior is the Gaussian N(m, C): draw from it and evaluate the draws
+            # once (for the posterior predictive and the log-likelihood).
+            samples_u = jax.vmap(process.samples, in_axes=(0, 0, None))(
+                final_keys, states, self.num_samples
+            )
+            values, outputs = jax.jit(jax.vmap(jax.vmap(problem.transform_and_forward)))(samples_u)
+            failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
+            evaluations += self.num_samples
+            prior_u = jax.vmap(
+                lambda k: jax.random.normal(
+                    jax.random.fold_in(k, 1), (self.num_samples, problem.dim)
+                )
+            )(chain_keys)
+            initial_values = jax.jit(jax.vmap(jax.vmap(problem.prior_transform)))(prior_u)
+        else:
+            samples_u = points
+        noise_draws = jax.vmap(
+            lambda k, n: noise.sample(jax.random.fold_in(k, 7), (n,)), in_axes=(0, None)
+        )(final_keys, outputs.shape[1])
+        return _ChainRun(
+            state=states,
+            samples_u=samples_u,
+            values=values,
+            outputs=outputs,
+            failed=failed,
+            noise_draws=noise_draws,
+            initial_values=initial_values,
+            records=_stack_records(records, num_chains),
+            evaluations=evaluations,
+            done=np.asarray(sched_states.done),
+            t=np.asarray(sched_states.t),
+        )
+
+    # ------------------------------------------------------------------ output
+    def _to_arviz(self, problem, run, scheduler):
+        y = problem.observations
+        residual = run.outputs - y
+        misfit = np.asarray(problem.noise.misfit(jnp.where(jnp.isfinite(residual), residual, 0)))
+        misfit = np.where(np.asarray(run.failed), np.nan, misfit)
+        predictive = problem.unflatten_observations(run.outputs + run.noise_draws)
+        log_lik = jax.jit(jax.vmap(jax.vmap(problem.pointwise_log_likelihood)))(run.samples_u)
+
+        dims = {}
+        for site in (*problem.latent_sites, *problem.deterministic_sites, *problem.observed_sites):
+            dims[site.name] = list(site.dims)
+        self._samples = {k: np.asarray(v) for k, v in run.values.items()}
+        return to_arviz(
+            posterior=self._samples,
+            prior={k: np.asarray(v) for k, v in run.initial_values.items()},
+            posterior_predictive={k: np.asarray(v) for k, v in predictive.items()},
+            log_likelihood={k: np.asarray(v) for k, v in log_lik.items()},
+            observed_data={k: np.asarray(v) for k, v in problem.unflatten_observations(y).items()},
+            sample_stats={"data_misfit": misfit, "failed": np.asarray(run.failed)},
+            history=self.history._asdict(),
+            dims=dims,
+            attrs={
+                "method": self.method,
+                "scheduler": repr(scheduler),
+                "num_iterations": int(self.history.t.shape[1]),
+                "forward_evaluations": int(run.evaluations.sum()),
+                "chain_meaning": "independent ensemble (R-hat compares runs, not Markov chains)",
+            },
+        )
+
+    def get_samples(self, group_by_chain: bool = False) -> dict:
+        """Posterior values per site: arrays (num_chains * draws, ...) or, with
+        ``group_by_chain``, (num_chains, draws, ...), as NumPyro's ``MCMC.get_samples``."""
+        if self._samples is None:
+            raise RuntimeError("No samples yet: call run() first.")
+        if group_by_chain:
+            return dict(self._samples)
+        return {k: v.reshape((-1, *v.shape[2:])) for k, v in self._samples.items()}
+
+    def print_summary(self, prob: float = 0.9, exclude_deterministic: bool = True) -> None:
+        """Prints mean, sd, quantiles and the between-ensemble R-hat of each latent site.
+
+        With several chains, R-hat compares independent ensembles: values far above 1 mean
+        the runs disagree (too small an ensemble, a multimodal posterior), not poor Markov
+        mixing, since there is no Markov chain here.
+        """
+        from numpyro.diagnostics import print_summary
+
+        samples = self.get_samples(group_by_chain=True)
+        if exclude_deterministic and self.problem is not None:
+            latent = {s.name for s in self.problem.latent_sites}
+            samples = {k: v for k, v in samples.items() if k in latent}
+        print_summary(samples, prob=prob, group_by_chain=True)
+
+    def posterior_group(self):
+        """The posterior as an xarray Dataset, whatever the ArviZ line."""
+        return group(self.inference_data, "posterior")
+
+
+class _ChainRun(NamedTuple):
+    """What one group of chains leaves behind; arrays have a leading chain axis."""
+
+    state: object
+    samples_u: jax.Array
+    values: dict
+    outputs: jax.Array
+    failed: jax.Array
+    noise_draws: jax.Array
+    initial_values: dict
+    records: dict
+    evaluations: np.ndarray
+    done: np.ndarray
+    t: np.ndarray
+
+
+def _stack_records(records: dict, num_chains: int) -> dict:
+    return {
+        name: np.stack(rows, axis=1) if rows else np.zeros((num_chains, 0))
+        for name, rows in records.items()
+    }
+
+
+def _pad_history(records: dict, length: int) -> dict:
+    """Extends a chain group's history to ``length`` iterations as a finished chain would
+    have recorded them in a vectorized run: same t, Δt = 0, no new evaluations."""
+    missing = length - records["t"].shape[1]
+    if missing == 0:
+        return records
+    padded = {}
+    for name, values in records.items():
+        if name in ("dt", "num_failed"):
+            tail = np.zeros((values.shape[0], missing), dtype=values.dtype)
+        else:
+            tail = np.repeat(values[:, -1:], missing, axis=1)
+        padded[name] = np.concatenate([values, tail], axis=1)
+    return padded
+
+
+def _merge_runs(runs: list) -> _ChainRun:
+    """Concatenates chain groups (sequential chains) along the chain axis."""
+    if len(runs) == 1:
+        return runs[0]
+    length = max(r.records["t"].shape[1] for r in runs)
+    records = [_pad_history(r.records, length) for r in runs]
+    merged = {
+        field: jax.tree.map(lambda *xs: np.concatenate(xs), *[getattr(r, field) for r in runs])
+        for field in _ChainRun._fields
+        if field != "records"
+    }
+    merged["records"] = {
+        name: np.concatenate([r[name] for r in records]) for name in RunHistory._fields
+    }
+    return _ChainRun(**merged)
+
+
+def _terminates(scheduler) -> bool:
+    return getattr(scheduler, "on_terminate", None) == "stop"
+
+
+def _progress(enabled: bool, total: int, method: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=method.upper(), unit="it", leave=True)
+
+
+def _make_evaluate(problem, process):
+    """(chains of states) → points, constrained values, forward outputs, failure mask."""
+
+    def evaluate(states):
+        points = jax.vmap(process.points)(states)
+        values, outputs = jax.vmap(jax.vmap(problem.transform_and_forward))(points)
+        failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
+        return points, values, outputs, failed
+
+    return evaluate
+
+
+def _make_advance(process, scheduler):
+    """(keys, states, scheduler states, outputs, failures, y, Γ) → updated states, Δt, stats."""
+
+    def advance_chain(key, state, sched_state, outputs, failed, y, noise):
+        residual = jnp.where(failed[:, None], 0.0, outputs - y)
+        whitened = noise.whiten(residual)
+        dt, sched_state = scheduler.next(sched_state, whitened, ~failed)
+        safe_dt = jnp.where(jnp.isfinite(dt), dt, 0.0)
+        state = process.update(key, state, outputs, failed, y, noise, safe_dt)
+        misfit = 0.5 * jnp.sum(whitened**2, axis=-1)
+        ok = ~failed
+        count = jnp.maximum(jnp.sum(ok), 1)
+        mean = jnp.sum(jnp.where(ok, misfit, 0.0)) / count
+        var = jnp.sum(jnp.where(ok, (misfit - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
+        return state, sched_state, dt, (mean, jnp.sqrt(var))
+
+    def advance(keys, states, sched_states, outputs, failed, y, noise):
+        return jax.vmap(advance_chain, in_axes=(0, 0, 0, 0, 0, None, None))(
+            keys, states, sched_states, outputs, failed, y, noise
+        )
+
+    return advance
