@@ -110,6 +110,9 @@ class EKIInference:
             c depends only on ``(rng_key, c)``; sequential chains are bit-identical
             whatever ``num_chains`` is, vectorized ones agree to floating-point rounding
             (XLA may pick other kernels for another batch size).
+        keep_path: keep every iteration's points (members or sigma points) as
+            ``self.path``: a dict with ``"u"`` (chains, iterations + 1, P, d) in whitened
+            space and each site's constrained values (chains, iterations + 1, P, ...).
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
     """
 
@@ -127,6 +130,7 @@ class EKIInference:
         aldi: bool = True,
         uki_mode: str = "tempering",
         chain_method: str = "vectorized",
+        keep_path: bool = False,
         progress_bar: bool = True,
     ):
         if method not in METHODS:
@@ -159,6 +163,8 @@ class EKIInference:
         self.aldi = bool(aldi)
         self.uki_mode = uki_mode
         self.chain_method = chain_method
+        self.keep_path = bool(keep_path)
+        self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
         self.problem = None
         self.inference_data = None
@@ -218,6 +224,7 @@ class EKIInference:
                 stacklevel=2,
             )
         self.history = RunHistory(**run.records)
+        self.path = run.path
         self._final_state = run.state
         self.inference_data = self._to_arviz(problem, run, scheduler)
         return self.inference_data
@@ -232,6 +239,7 @@ class EKIInference:
         sched_states = jax.vmap(lambda _: scheduler.init())(jnp.arange(num_chains))
 
         records = {name: [] for name in RunHistory._fields}
+        path = []
         evaluations = np.zeros(num_chains, dtype=np.int64)
         initial_values = None
         start = time.perf_counter()
@@ -243,6 +251,8 @@ class EKIInference:
                 points, values, outputs, failed = evaluate(states)
                 if initial_values is None:
                     initial_values = values
+                if self.keep_path:
+                    path.append(jax.device_get({"u": points, **values}))
                 failed_np = np.asarray(failed)
                 evaluations += np.where(was_done, 0, failed_np.shape[1])
                 if was_done.all() or iteration == self.max_iterations:
@@ -313,6 +323,7 @@ class EKIInference:
             noise_draws=noise_draws,
             initial_values=initial_values,
             records=_stack_records(records, num_chains),
+            path={k: np.stack([p[k] for p in path], axis=1) for k in path[0]} if path else None,
             evaluations=evaluations,
             done=np.asarray(sched_states.done),
             t=np.asarray(sched_states.t),
@@ -389,6 +400,7 @@ class _ChainRun(NamedTuple):
     noise_draws: jax.Array
     initial_values: dict
     records: dict
+    path: dict | None
     evaluations: np.ndarray
     done: np.ndarray
     t: np.ndarray
@@ -417,6 +429,12 @@ def _pad_history(records: dict, length: int) -> dict:
     return padded
 
 
+def _pad_path(values: np.ndarray, steps: int) -> np.ndarray:
+    """Repeats a finished chain group's last ensemble up to ``steps`` iterations."""
+    missing = steps - values.shape[1]
+    return np.concatenate([values, np.repeat(values[:, -1:], missing, axis=1)], axis=1)
+
+
 def _merge_runs(runs: list) -> _ChainRun:
     """Concatenates chain groups (sequential chains) along the chain axis."""
     if len(runs) == 1:
@@ -426,8 +444,15 @@ def _merge_runs(runs: list) -> _ChainRun:
     merged = {
         field: jax.tree.map(lambda *xs: np.concatenate(xs), *[getattr(r, field) for r in runs])
         for field in _ChainRun._fields
-        if field != "records"
+        if field not in ("records", "path")
     }
+    merged["path"] = None
+    if runs[0].path is not None:
+        steps = max(r.path["u"].shape[1] for r in runs)
+        merged["path"] = {
+            name: np.concatenate([_pad_path(r.path[name], steps) for r in runs])
+            for name in runs[0].path
+        }
     merged["records"] = {
         name: np.concatenate([r[name] for r in records]) for name in RunHistory._fields
     }

@@ -34,12 +34,19 @@ def run_nuts(
     num_samples: int = 1000,
     num_chains: int = 1,
     progress_bar: bool = False,
+    init_strategy=None,
     **model_kwargs,
 ) -> NUTSResult:
     """Runs NUTS (NumPyro defaults otherwise) and counts every leapfrog step, warmup
-    included: each one is one gradient evaluation of the log density."""
+    included: each one is one gradient evaluation of the log density.
+
+    ``init_strategy`` is passed to ``NUTS`` (NumPyro's default, ``init_to_uniform``,
+    when None); ``init_to_median`` keeps a chain out of minor modes far from the prior's
+    bulk.
+    """
+    kernel = NUTS(model) if init_strategy is None else NUTS(model, init_strategy=init_strategy)
     mcmc = MCMC(
-        NUTS(model),
+        kernel,
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
