@@ -36,6 +36,7 @@ import numpy as np
 from eki_infer import processes as _processes
 from eki_infer import schedulers as _schedulers
 from eki_infer.convert import group, to_arviz
+from eki_infer.steps import compile_steps, split_model_args
 from eki_infer.tracing import trace_model
 
 __all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
@@ -171,6 +172,7 @@ class EKIInference:
         self.history: RunHistory | None = None
         self._samples = None
         self._final_state = None
+        self._compiled = {}
 
     # ------------------------------------------------------------------ set-up
     def _make_process(self, dim: int):
@@ -202,16 +204,25 @@ class EKIInference:
         as ``self.inference_data``."""
         problem = trace_model(self.model, *model_args, **model_kwargs)
         self.problem = problem
-        process = self._make_process(problem.dim)
         scheduler = self._make_scheduler()
-        evaluate = jax.jit(_make_evaluate(problem, process))
-        advance = jax.jit(_make_advance(process, scheduler))
+        data, signature, rebuild = split_model_args(problem.model_args, problem.model_kwargs)
+        key = None
+        if signature is not None:
+            config = (self.method, self.ensemble_size, self.eki_variant, self.aldi, self.uki_mode)
+            key = (signature, repr(problem), config, scheduler)
+        if key is not None and key in self._compiled:
+            process, steps = self._compiled[key]
+        else:
+            process = self._make_process(problem.dim)
+            steps = compile_steps(problem, process, scheduler, rebuild)
+            if key is not None:
+                self._compiled = {key: (process, steps)}
         if self.chain_method == "vectorized":
             groups = [np.arange(self.num_chains)]
         else:
             groups = [np.array([c]) for c in range(self.num_chains)]
         runs = [
-            self._run_chains(rng_key, ids, problem, process, scheduler, evaluate, advance)
+            self._run_chains(rng_key, ids, problem, process, scheduler, steps, data)
             for ids in groups
         ]
         run = _merge_runs(runs)
@@ -226,10 +237,10 @@ class EKIInference:
         self.history = RunHistory(**run.records)
         self.path = run.path
         self._final_state = run.state
-        self.inference_data = self._to_arviz(problem, run, scheduler)
+        self.inference_data = self._to_arviz(problem, run, scheduler, steps, data)
         return self.inference_data
 
-    def _run_chains(self, rng_key, chain_ids, problem, process, scheduler, evaluate, advance):
+    def _run_chains(self, rng_key, chain_ids, problem, process, scheduler, steps, data):
         """Runs the chains ``chain_ids`` side by side (vmapped) to termination."""
         num_chains = len(chain_ids)
         y, noise = problem.observations, problem.noise
@@ -248,7 +259,7 @@ class EKIInference:
         try:
             for iteration in range(self.max_iterations + 1):
                 was_done = np.asarray(sched_states.done)
-                points, values, outputs, failed = evaluate(states)
+                points, values, outputs, failed = steps.evaluate(states, data)
                 if initial_values is None:
                     initial_values = values
                 if self.keep_path:
@@ -261,7 +272,7 @@ class EKIInference:
                 step_keys = jax.vmap(lambda k, n=iteration: jax.random.fold_in(k, n + 1))(
                     chain_keys
                 )
-                states, sched_states, dt, stats = advance(
+                states, sched_states, dt, stats = steps.advance(
                     step_keys, states, sched_states, outputs, failed, y, noise
                 )
                 dt = np.asarray(dt)
@@ -300,7 +311,7 @@ class EKIInference:
             samples_u = jax.vmap(process.samples, in_axes=(0, 0, None))(
                 final_keys, states, self.num_samples
             )
-            values, outputs = jax.jit(jax.vmap(jax.vmap(problem.transform_and_forward)))(samples_u)
+            values, outputs = steps.transform_and_forward(samples_u, data)
             failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
             evaluations += self.num_samples
             prior_u = jax.vmap(
@@ -308,7 +319,7 @@ class EKIInference:
                     jax.random.fold_in(k, 1), (self.num_samples, problem.dim)
                 )
             )(chain_keys)
-            initial_values = jax.jit(jax.vmap(jax.vmap(problem.prior_transform)))(prior_u)
+            initial_values = steps.prior_transform(prior_u, data)
         else:
             samples_u = points
         noise_draws = jax.vmap(
@@ -330,13 +341,13 @@ class EKIInference:
         )
 
     # ------------------------------------------------------------------ output
-    def _to_arviz(self, problem, run, scheduler):
+    def _to_arviz(self, problem, run, scheduler, steps, data):
         y = problem.observations
         residual = run.outputs - y
         misfit = np.asarray(problem.noise.misfit(jnp.where(jnp.isfinite(residual), residual, 0)))
         misfit = np.where(np.asarray(run.failed), np.nan, misfit)
         predictive = problem.unflatten_observations(run.outputs + run.noise_draws)
-        log_lik = jax.jit(jax.vmap(jax.vmap(problem.pointwise_log_likelihood)))(run.samples_u)
+        log_lik = steps.pointwise_log_likelihood(run.samples_u, data)
 
         dims = {}
         for site in (*problem.latent_sites, *problem.deterministic_sites, *problem.observed_sites):
@@ -469,39 +480,3 @@ def _progress(enabled: bool, total: int, method: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=method.upper(), unit="it", leave=True)
-
-
-def _make_evaluate(problem, process):
-    """(chains of states) → points, constrained values, forward outputs, failure mask."""
-
-    def evaluate(states):
-        points = jax.vmap(process.points)(states)
-        values, outputs = jax.vmap(jax.vmap(problem.transform_and_forward))(points)
-        failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
-        return points, values, outputs, failed
-
-    return evaluate
-
-
-def _make_advance(process, scheduler):
-    """(keys, states, scheduler states, outputs, failures, y, Γ) → updated states, Δt, stats."""
-
-    def advance_chain(key, state, sched_state, outputs, failed, y, noise):
-        residual = jnp.where(failed[:, None], 0.0, outputs - y)
-        whitened = noise.whiten(residual)
-        dt, sched_state = scheduler.next(sched_state, whitened, ~failed)
-        safe_dt = jnp.where(jnp.isfinite(dt), dt, 0.0)
-        state = process.update(key, state, outputs, failed, y, noise, safe_dt)
-        misfit = 0.5 * jnp.sum(whitened**2, axis=-1)
-        ok = ~failed
-        count = jnp.maximum(jnp.sum(ok), 1)
-        mean = jnp.sum(jnp.where(ok, misfit, 0.0)) / count
-        var = jnp.sum(jnp.where(ok, (misfit - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
-        return state, sched_state, dt, (mean, jnp.sqrt(var))
-
-    def advance(keys, states, sched_states, outputs, failed, y, noise):
-        return jax.vmap(advance_chain, in_axes=(0, 0, 0, 0, 0, None, None))(
-            keys, states, sched_states, outputs, failed, y, noise
-        )
-
-    return advance

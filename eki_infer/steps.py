@@ -1,0 +1,115 @@
+"""The driver's jitted per-iteration functions, compiled once per model structure.
+
+Array leaves of the model's arguments (data, covariates, the observations) are passed to
+the compiled functions as *dynamic* arguments; every other leaf (Python numbers,
+strings, callables) is static and part of the cache key. A second ``run`` on new data of
+the same shapes therefore reuses the compiled code instead of recompiling, and large
+data are never baked into the program as constants.
+
+All functions take and return arrays with a leading chain axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["CompiledSteps", "compile_steps", "split_model_args"]
+
+
+class CompiledSteps(NamedTuple):
+    """Jitted functions; ``data`` is the tuple of dynamic argument leaves.
+
+    evaluate(states, data) -> (points, values, outputs, failed)
+    advance(keys, states, sched_states, outputs, failed, y, noise)
+        -> (states, sched_states, dt, (misfit_mean, misfit_sd))
+    transform_and_forward(u (chains, n, d), data) -> (values, outputs)
+    prior_transform(u (chains, n, d), data) -> values
+    pointwise_log_likelihood(u (chains, n, d), data) -> {site: array}
+    """
+
+    evaluate: object
+    advance: object
+    transform_and_forward: object
+    prior_transform: object
+    pointwise_log_likelihood: object
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray)
+
+
+def split_model_args(args: tuple, kwargs: dict):
+    """Splits model arguments into dynamic array leaves and a hashable static signature.
+
+    Returns ``(data, signature, rebuild)``: ``rebuild(data)`` gives back ``(args, kwargs)``
+    with the given arrays in place; ``signature`` is None when a static leaf is not
+    hashable (then nothing is cached).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    dynamic = tuple(_is_array(leaf) for leaf in leaves)
+    data = tuple(leaf for leaf, d in zip(leaves, dynamic, strict=True) if d)
+    static = tuple(None if d else leaf for leaf, d in zip(leaves, dynamic, strict=True))
+    signature = (treedef, dynamic, static)
+    try:
+        hash(signature)
+    except TypeError:
+        signature = None
+
+    def rebuild(values):
+        it = iter(values)
+        full = [next(it) if d else leaf for leaf, d in zip(static, dynamic, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    return data, signature, rebuild
+
+
+def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:
+    """Builds the jitted functions for one model structure (``problem`` gives the sites;
+    its arrays are replaced by the dynamic ``data`` at every call)."""
+
+    def bind(data):
+        args, kwargs = rebuild(data)
+        return dataclasses.replace(problem, model_args=args, model_kwargs=kwargs)
+
+    def over_chains(method):
+        def f(u, data):
+            return jax.vmap(jax.vmap(getattr(bind(data), method)))(u)
+
+        return jax.jit(f)
+
+    def evaluate(states, data):
+        points = jax.vmap(process.points)(states)
+        values, outputs = jax.vmap(jax.vmap(bind(data).transform_and_forward))(points)
+        failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
+        return points, values, outputs, failed
+
+    def advance_chain(key, state, sched_state, outputs, failed, y, noise):
+        residual = jnp.where(failed[:, None], 0.0, outputs - y)
+        whitened = noise.whiten(residual)
+        dt, sched_state = scheduler.next(sched_state, whitened, ~failed)
+        safe_dt = jnp.where(jnp.isfinite(dt), dt, 0.0)
+        state = process.update(key, state, outputs, failed, y, noise, safe_dt)
+        misfit = 0.5 * jnp.sum(whitened**2, axis=-1)
+        ok = ~failed
+        count = jnp.maximum(jnp.sum(ok), 1)
+        mean = jnp.sum(jnp.where(ok, misfit, 0.0)) / count
+        var = jnp.sum(jnp.where(ok, (misfit - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
+        return state, sched_state, dt, (mean, jnp.sqrt(var))
+
+    def advance(keys, states, sched_states, outputs, failed, y, noise):
+        return jax.vmap(advance_chain, in_axes=(0, 0, 0, 0, 0, None, None))(
+            keys, states, sched_states, outputs, failed, y, noise
+        )
+
+    return CompiledSteps(
+        evaluate=jax.jit(evaluate),
+        advance=jax.jit(advance),
+        transform_and_forward=over_chains("transform_and_forward"),
+        prior_transform=over_chains("prior_transform"),
+        pointwise_log_likelihood=over_chains("pointwise_log_likelihood"),
+    )
