@@ -193,7 +193,9 @@ class EKIInference:
 
     def _make_scheduler(self):
         if self.scheduler is None:
-            return _schedulers.default_scheduler(self.method)
+            return _schedulers.default_scheduler(
+                self.method, mode=self.uki_mode if self.method == "uki" else None
+            )
         _schedulers.check_scheduler(self.method, self.scheduler)
         return self.scheduler
 

@@ -1,0 +1,295 @@
+"""The ensemble-process type and the ensemble algebra shared by EKI, EKS and UKI.
+
+A process is a small bundle of pure functions (in the style of Optax's
+``GradientTransformation`` and BlackJAX's kernels) over a NamedTuple state:
+
+- ``init(rng_key, dim) -> state``: the initial ensemble (or Gaussian) from the prior
+  N(0, I_d) of whitened parameter space u;
+- ``points(state) -> (P, d)``: where the forward map must be evaluated this iteration
+  (the ensemble members, or UKI's sigma points);
+- ``update(rng_key, state, outputs, failed, observations, noise, dt) -> state``: one
+  step of size ``dt`` given the forward-map outputs ``(P, M)`` at ``points(state)``;
+- ``samples(rng_key, state, num_samples) -> (N, d)``: posterior draws in u-space.
+
+All of them are jit-able with the process as a closure and vmap-able over a leading
+chain axis of ``(rng_key, state, outputs, failed, dt)``.
+
+Conventions used by every update (stated once here):
+
+- **Rows are members.** Ensembles are ``(J, d)`` arrays, outputs ``(J, M)``.
+- **Whitened output space.** Outputs and data are mapped through ``noise.whiten``
+  (W with WᵀW = Γ⁻¹), after which the observation noise is the identity, so scalar,
+  diagonal, dense, low-rank and block Γ all go through the same code.
+- **One covariance normalisation: 1/n**, n the number of successful members
+  (n = J without failures), as in the reference Julia code (``corrected = false``).
+  Anomaly matrices are X = (u − ū)/√n and Y = (g̃ − ḡ̃)/√n (failed rows zero), so
+  C^{uu} = XᵀX, C^{uG} = XᵀY and C^{GG} = YᵀY. ALGORITHMS.md writes the transform
+  variant with 1/(J−1); that variant is exact for whichever normalisation is used
+  consistently for both the anomalies and the rescaling, and here it is 1/n.
+- **Ensemble-space algebra.** The Kalman gain is applied through the push-through
+  identity C^{uG}(C^{GG} + I/Δt)⁻¹ r = Xᵀ (I_J + Δt Y Yᵀ)⁻¹ Y (Δt r), with a Cholesky
+  solve of size min(J, M) (the M × M form I_M + Δt YᵀY is used when M < J); the
+  matrices to factor have eigenvalues ≥ 1, and Δt multiplies rather than divides, so
+  Δt = 0 is harmless. Neither a dense M × M nor a d × d matrix is formed when the
+  ensemble-space form is the smaller one.
+- **Failures.** A member fails when the caller marks it or when any of its outputs is
+  NaN/inf. Failed rows are replaced (``jnp.where``) before any arithmetic, carry
+  weight zero in every mean and covariance, and after the update are redrawn from the
+  Gaussian fitted to the updated successful members (:func:`redraw_failed`).
+- **Δt = 0 is a no-op.** Every update returns its input state unchanged (bit for bit)
+  unless Δt > 0 (:func:`keep_if_moved`); a NaN Δt also leaves the state unchanged. This
+  lets finished chains, vmapped beside running ones, stand still.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import cho_solve
+
+__all__ = [
+    "EnsembleFailureError",
+    "EnsembleProcess",
+    "EnsembleState",
+    "anomalies",
+    "check_ensemble_size",
+    "check_failures",
+    "detect_failures",
+    "ensemble_weights",
+    "implicit_solve",
+    "keep_if_moved",
+    "masked_mean",
+    "psd_sqrt",
+    "redraw_failed",
+    "whiten_outputs",
+]
+
+
+class EnsembleProcess(NamedTuple):
+    """An ensemble Kalman method as a bundle of pure functions.
+
+    Attributes:
+        name: ``"eki"``, ``"eks"`` or ``"uki"``.
+        init: ``init(rng_key, dim) -> state``, the initial state from the prior N(0, I_d).
+        points: ``points(state) -> (P, d)``, where to evaluate the forward map.
+        update: ``update(rng_key, state, outputs (P, M), failed (P,), observations (M,),
+            noise, dt) -> state``, one step of size ``dt`` (``dt = 0`` changes nothing).
+        samples: ``samples(rng_key, state, num_samples) -> (N, d)``, posterior draws in
+            u-space (EKI/EKS: the ensemble itself, ignoring ``num_samples``).
+    """
+
+    name: str
+    init: Callable
+    points: Callable
+    update: Callable
+    samples: Callable
+
+
+class EnsembleState(NamedTuple):
+    """State of the particle methods (EKI and EKS).
+
+    Attributes:
+        particles: the ensemble in whitened parameter space, shape ``(J, d)``.
+    """
+
+    particles: jax.Array
+
+
+class EnsembleFailureError(RuntimeError):
+    """Raised when too few ensemble members (or sigma points) returned finite outputs."""
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def detect_failures(outputs, failed=None):
+    """Failed rows: those marked in ``failed`` and those with any non-finite output.
+
+    Args:
+        outputs: forward-map outputs, shape ``(..., P, M)``.
+        failed: optional boolean flags, shape ``(..., P)``.
+
+    Returns:
+        Boolean array of shape ``(..., P)``, True where the row failed.
+    """
+    bad = ~jnp.all(jnp.isfinite(outputs), axis=-1)
+    if failed is not None:
+        bad = bad | jnp.asarray(failed, dtype=bool)
+    return bad
+
+
+def check_failures(failed, iteration, min_successes: int = 2):
+    """Raise :class:`EnsembleFailureError` when fewer than ``min_successes`` succeeded.
+
+    A host-side (Python) check for the driver, to be called after the forward map has
+    been evaluated and before the update.
+
+    Args:
+        failed: boolean flags, shape ``(P,)`` or ``(chains, P)``.
+        iteration: the iteration number, used in the message.
+        min_successes: the fewest successful members an update can use (default 2).
+
+    Returns:
+        The number of failed members (an int, or an int array per chain).
+    """
+    failed = np.asarray(failed, dtype=bool)
+    if failed.ndim == 0:
+        raise ValueError("check_failures expects flags of shape (P,) or (chains, P).")
+    total = failed.shape[-1]
+    n_failed = failed.sum(axis=-1)
+    n_ok = total - n_failed
+    if np.any(n_ok < min_successes):
+        if failed.ndim == 1:
+            where = ""
+        else:
+            chains = np.flatnonzero(np.reshape(n_ok < min_successes, -1))
+            where = f" in chain(s) {', '.join(str(c) for c in chains)}"
+        worst = int(np.min(n_ok))
+        raise EnsembleFailureError(
+            f"Iteration {iteration}: only {worst} of {total} ensemble members returned "
+            f"finite forward-map outputs{where} ({total - worst} failed); at least "
+            f"{min_successes} successful members are needed to update the ensemble. "
+            "Check the forward map for NaN/inf outputs in the region the ensemble explores."
+        )
+    return n_failed if failed.ndim > 1 else int(n_failed)
+
+
+def check_ensemble_size(ensemble_size) -> int:
+    """Validates an ensemble size (an integer ≥ 2) and returns it as an int."""
+    if isinstance(ensemble_size, bool) or int(ensemble_size) != ensemble_size:
+        raise ValueError(f"ensemble_size must be an integer, got {ensemble_size!r}.")
+    if ensemble_size < 2:
+        raise ValueError(f"ensemble_size must be at least 2, got {ensemble_size}.")
+    return int(ensemble_size)
+
+
+# ------------------------------------------------------------------ ensemble statistics
+
+
+def masked_mean(x, ok):
+    """Mean of the rows of ``x`` (``(J, n)``) where ``ok`` (``(J,)``) is True.
+
+    Rows that are not ok are replaced by zeros before summing, so NaN rows do no harm.
+    """
+    count = jnp.maximum(jnp.sum(ok), 1).astype(x.dtype)
+    return jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0) / count
+
+
+def anomalies(x, ok):
+    """Masked mean and scaled anomalies of an ensemble (1/n normalisation).
+
+    Args:
+        x: ensemble, shape ``(J, n)``.
+        ok: successful rows, shape ``(J,)``.
+
+    Returns:
+        ``(mean, A, count)``: the mean over ok rows ``(n,)``; ``A = (x − mean)/√count``
+        on ok rows and zero elsewhere ``(J, n)``, so that ``AᵀA`` is the covariance;
+        and ``count`` (a float scalar).
+    """
+    count = jnp.maximum(jnp.sum(ok), 1).astype(x.dtype)
+    mean = jnp.sum(jnp.where(ok[:, None], x, 0.0), axis=0) / count
+    a = jnp.where(ok[:, None], x - mean, 0.0) / jnp.sqrt(count)
+    return mean, a, count
+
+
+def whiten_outputs(outputs, ok, observations, noise):
+    """Whitened outputs and data: (W g with failed rows set to W y, W y)."""
+    safe = jnp.where(ok[:, None], outputs, observations)
+    return noise.whiten(safe), noise.whiten(observations)
+
+
+# ------------------------------------------------------------------------ linear algebra
+
+
+def _eye(n, dtype):
+    return jnp.eye(n, dtype=dtype)
+
+
+def ensemble_weights(y, dt, v):
+    """Ensemble-space weights ``H = V Yᵀ (I_J + Δt Y Yᵀ)⁻¹``, shape ``(K, J)``.
+
+    With anomalies X (``(J, d)``) the Kalman increments are ``H @ X``: row k is
+    C^{uG} (C^{GG} + I/Δt)⁻¹ (v_k/Δt), i.e. pass ``V = Δt × innovations``. The solve is
+    of size min(J, M): when M < J the push-through form ``V (I_M + Δt YᵀY)⁻¹ Yᵀ`` is used.
+
+    Args:
+        y: whitened output anomalies, shape ``(J, M)``.
+        dt: step size (scalar).
+        v: Δt-scaled innovations, shape ``(K, M)``.
+    """
+    j, m = y.shape
+    if j <= m:
+        s = _eye(j, y.dtype) + dt * (y @ y.T)
+        chol = jnp.linalg.cholesky(s)
+        return cho_solve((chol, True), y @ v.T).T
+    s = _eye(m, y.dtype) + dt * (y.T @ y)
+    chol = jnp.linalg.cholesky(s)
+    return cho_solve((chol, True), v.T).T @ y.T
+
+
+def implicit_solve(x, dt, rhs):
+    """Rows of ``(I_d + Δt XᵀX)⁻¹ r`` for each row r of ``rhs`` (``(K, d)``).
+
+    ``X`` (``(J, d)``) holds scaled anomalies so ``XᵀX`` is the ensemble covariance. For
+    d ≤ J the d × d system is factored directly; for d > J the Woodbury identity
+    ``(I + Δt XᵀX)⁻¹ = I − Δt Xᵀ (I_J + Δt X Xᵀ)⁻¹ X`` keeps every solve J × J.
+    """
+    j, d = x.shape
+    if d <= j:
+        a = _eye(d, x.dtype) + dt * (x.T @ x)
+        chol = jnp.linalg.cholesky(a)
+        return cho_solve((chol, True), rhs.T).T
+    s = _eye(j, x.dtype) + dt * (x @ x.T)
+    chol = jnp.linalg.cholesky(s)
+    z = cho_solve((chol, True), x @ rhs.T)  # (J, K)
+    return rhs - dt * (z.T @ x)
+
+
+def psd_sqrt(cov):
+    """A square root L with L Lᵀ = cov: the Cholesky factor, or, when that fails (a
+    singular or slightly indefinite matrix), V diag(√max(λ, 0)) from the eigendecomposition."""
+
+    def from_eigh(_):
+        w, v = jnp.linalg.eigh(0.5 * (cov + cov.T))
+        return v * jnp.sqrt(jnp.clip(w, 0.0))[None, :]
+
+    chol = jnp.linalg.cholesky(cov)
+    return jax.lax.cond(jnp.all(jnp.isfinite(chol)), lambda _: chol, from_eigh, None)
+
+
+# ------------------------------------------------------------------- shared operations
+
+
+def redraw_failed(rng_key, x, ok):
+    """Replace the rows of ``x`` that are not ``ok`` by draws from the Gaussian fitted to
+    the ok rows (ALGORITHMS.md §6), in ensemble form without any d × d matrix.
+
+    Draws are ``mean + ξ A`` with ξ ~ N(0, I_J) and A the scaled anomalies of the ok rows
+    (covariance AᵀA, the package's 1/n normalisation). When the fitted covariance is
+    certainly singular (n − 1 < d) an isotropic jitter of variance
+    ``max_i C_ii · √eps`` is added — a cheap stand-in for ``eigmax · √eps`` that needs no
+    eigendecomposition. When no row failed, ``x`` is returned unchanged.
+    """
+    j, d = x.shape
+
+    def redraw(x):
+        mean, a, count = anomalies(x, ok)
+        k_mix, k_jit = jax.random.split(rng_key)
+        draws = mean + jax.random.normal(k_mix, (j, j), dtype=x.dtype) @ a
+        var_max = jnp.max(jnp.sum(a * a, axis=0))
+        jitter = jnp.where(count - 1 < d, jnp.sqrt(var_max * jnp.sqrt(jnp.finfo(x.dtype).eps)), 0.0)
+        draws = draws + jitter * jax.random.normal(k_jit, (j, d), dtype=x.dtype)
+        return jnp.where(ok[:, None], x, draws)
+
+    return jax.lax.cond(jnp.all(ok), lambda x: x, redraw, x)
+
+
+def keep_if_moved(dt, new, old):
+    """``new`` where ``dt > 0``, else ``old`` (leaf by leaf): Δt = 0 (or NaN) is a no-op."""
+    moved = jnp.asarray(dt) > 0
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(moved, a, b), new, old)
