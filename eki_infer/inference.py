@@ -36,7 +36,8 @@ import numpy as np
 from eki_infer import processes as _processes
 from eki_infer import schedulers as _schedulers
 from eki_infer.convert import group, to_arviz
-from eki_infer.steps import compile_steps, split_model_args
+from eki_infer.model_args import split_model_args
+from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
 
 __all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
@@ -349,7 +350,10 @@ class EKIInference:
         misfit = np.asarray(problem.noise.misfit(jnp.where(jnp.isfinite(residual), residual, 0)))
         misfit = np.where(np.asarray(run.failed), np.nan, misfit)
         predictive = problem.unflatten_observations(run.outputs + run.noise_draws)
-        log_lik = steps.pointwise_log_likelihood(run.samples_u, data)
+        if all(site.family == "Normal" for site in problem.observed_sites):
+            log_lik = _normal_pointwise_log_likelihood(problem, run.outputs)
+        else:  # multivariate sites: per-event densities need the model's distributions
+            log_lik = steps.pointwise_log_likelihood(run.samples_u, data)
 
         dims = {}
         for site in (*problem.latent_sites, *problem.deterministic_sites, *problem.observed_sites):
@@ -400,6 +404,16 @@ class EKIInference:
     def posterior_group(self):
         """The posterior as an xarray Dataset, whatever the ArviZ line."""
         return group(self.inference_data, "posterior")
+
+
+def _normal_pointwise_log_likelihood(problem, outputs):
+    """Elementwise Normal log-densities of the data given the outputs already computed,
+    without running the model again (every observed site is a Normal, so its block of Γ
+    is diagonal and the diagonal of Γ holds its variances)."""
+    variance = problem.noise.variances()
+    residual = problem.observations - outputs
+    log_density = -0.5 * (residual**2 / variance + jnp.log(2 * jnp.pi * variance))
+    return problem.unflatten_observations(log_density)
 
 
 class _ChainRun(NamedTuple):

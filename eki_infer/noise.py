@@ -75,7 +75,7 @@ class Noise:
 
     def sample(self, rng_key, sample_shape=()):
         """Draws from N(0, Γ), shape ``sample_shape + (M,)``."""
-        e = jax.random.normal(rng_key, tuple(sample_shape) + (self.dim,))
+        e = jax.random.normal(rng_key, (*tuple(sample_shape), self.dim))
         return self.unwhiten(e)
 
     def log_prob(self, r):

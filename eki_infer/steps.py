@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-__all__ = ["CompiledSteps", "compile_steps", "split_model_args"]
+__all__ = ["CompiledSteps", "compile_steps"]
 
 
 class CompiledSteps(NamedTuple):
@@ -37,35 +36,6 @@ class CompiledSteps(NamedTuple):
     transform_and_forward: object
     prior_transform: object
     pointwise_log_likelihood: object
-
-
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray)
-
-
-def split_model_args(args: tuple, kwargs: dict):
-    """Splits model arguments into dynamic array leaves and a hashable static signature.
-
-    Returns ``(data, signature, rebuild)``: ``rebuild(data)`` gives back ``(args, kwargs)``
-    with the given arrays in place; ``signature`` is None when a static leaf is not
-    hashable (then nothing is cached).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = tuple(_is_array(leaf) for leaf in leaves)
-    data = tuple(leaf for leaf, d in zip(leaves, dynamic, strict=True) if d)
-    static = tuple(None if d else leaf for leaf, d in zip(leaves, dynamic, strict=True))
-    signature = (treedef, dynamic, static)
-    try:
-        hash(signature)
-    except TypeError:
-        signature = None
-
-    def rebuild(values):
-        it = iter(values)
-        full = [next(it) if d else leaf for leaf, d in zip(static, dynamic, strict=True)]
-        return jax.tree_util.tree_unflatten(treedef, full)
-
-    return data, signature, rebuild
 
 
 def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:

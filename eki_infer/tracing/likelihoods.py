@@ -1,0 +1,200 @@
+"""Gaussian observation sites: their mean (the forward map's output), their noise Γ and
+their pointwise log-likelihood.
+
+An observed sample site is served when its distribution, after stripping
+``ExpandedDistribution`` (``.expand``, plates) and ``Independent`` (``.to_event``), is one
+of
+
+- ``Normal(loc, scale)``: the mean is ``loc`` and Γ is diagonal; a scalar ``scale``
+  gives a :class:`~eki_infer.noise.ScalarNoise`, anything else (a broadcast array scale,
+  a plate, ``.to_event``) a :class:`~eki_infer.noise.DiagonalNoise` with the broadcast
+  variances in the order of the flattened data;
+- ``MultivariateNormal`` (built from ``covariance_matrix``, ``precision_matrix`` or
+  ``scale_tril``; NumPyro keeps the Cholesky factor, which is used as is): a
+  :class:`~eki_infer.noise.DenseNoise`; with a batch of events (a plate around an MVN)
+  the factor is block diagonal, one block per event;
+- ``LowRankMultivariateNormal``: a :class:`~eki_infer.noise.LowRankNoise`, with a block
+  diagonal factor for a batch of events.
+
+The data may broadcast against the distribution (``Normal(mu, 1)`` observed on a vector),
+in which case the site's shape is the broadcast shape. Masks (``obs_mask``,
+``handlers.mask``) are rejected rather than silently dropped; see
+:mod:`eki_infer.tracing.problem`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+
+from eki_infer.noise import DenseNoise, DiagonalNoise, LowRankNoise, ScalarNoise
+from eki_infer.tracing.errors import ModelTracingError
+
+__all__ = ["GAUSSIAN_LIKELIHOODS", "GaussianSite", "analyse_observation"]
+
+#: Likelihood families eki_infer serves.
+GAUSSIAN_LIKELIHOODS = ("Normal", "MultivariateNormal", "LowRankMultivariateNormal")
+
+_MASK_HINT = (
+    "masked or missing observations are not supported: drop the missing entries from the "
+    "data and index the model's output with the observed positions instead"
+)
+
+
+class GaussianSite(NamedTuple):
+    """What the tracer knows about one observed Gaussian site at trace time."""
+
+    family: str  # one of GAUSSIAN_LIKELIHOODS
+    shape: tuple[int, ...]  # value shape (distribution shape broadcast with the data)
+    event_ndim: int  # 0 for Normal, 1 for the multivariate families
+    scalar_scale: bool  # Normal with one scale for all elements: Γ = σ² I
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.shape[: len(self.shape) - self.event_ndim]
+
+    # -- evaluated at every run (jit/vmap-able) ------------------------------------
+
+    def mean(self, fn):
+        """The site's mean, flattened: its part of the forward map."""
+        return jnp.broadcast_to(_base(fn).mean, self.shape).reshape(-1)
+
+    def pointwise_log_likelihood(self, fn, obs):
+        """log-density per element (Normal) or per event (multivariate)."""
+        base = _base(fn)
+        obs = jnp.broadcast_to(obs, self.shape)
+        return jnp.broadcast_to(base.log_prob(obs), self.batch_shape)
+
+    def noise_parameters(self, fn):
+        """The arrays that define Γ, broadcast to the site (to compare between runs)."""
+        base = _base(fn)
+        b = self.batch_shape
+        if self.family == "Normal":
+            return (jnp.broadcast_to(base.scale, self.shape),)
+        if self.family == "MultivariateNormal":
+            k = self.shape[-1]
+            return (jnp.broadcast_to(base.scale_tril, (*b, k, k)),)
+        k, r = base.cov_factor.shape[-2:]
+        return (
+            jnp.broadcast_to(base.cov_factor, (*b, k, r)),
+            jnp.broadcast_to(base.cov_diag, (*b, k)),
+        )
+
+    # -- trace time only (concrete arrays) ------------------------------------------
+
+    def noise(self, params):
+        """The site's block of Γ from concrete :meth:`noise_parameters` (NumPy arrays)."""
+        n_events = math.prod(self.batch_shape)
+        params = [np.asarray(p) for p in params]
+        if self.family == "Normal":
+            (scale,) = params
+            if self.scalar_scale:
+                return ScalarNoise(scale.reshape(-1)[0] ** 2, self.size)
+            return DiagonalNoise(scale.reshape(-1) ** 2)
+        if self.family == "MultivariateNormal":
+            (tril,) = params
+            k = self.shape[-1]
+            return DenseNoise(scale_tril=_block_diagonal(tril.reshape(n_events, k, k)))
+        factor, diag = params
+        k, r = factor.shape[-2:]
+        return LowRankNoise(
+            _block_diagonal(factor.reshape(n_events, k, r)), diag.reshape(n_events * k)
+        )
+
+    def check_data(self, name, data):
+        """Raises for non-finite or non-numeric data."""
+        data = np.asarray(data)
+        if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+            raise ModelTracingError(
+                f"observed site '{name}' has non-numeric data of dtype {data.dtype}.", name
+            )
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise ModelTracingError(
+                f"observed site '{name}' has {bad} non-finite value(s) (NaN or inf) in its "
+                f"data; {_MASK_HINT}.",
+                name,
+            )
+
+
+def _block_diagonal(blocks):
+    """(n, k, r) NumPy blocks -> the (n k, n r) block-diagonal matrix."""
+    n, k, r = blocks.shape
+    if n == 1:
+        return blocks[0]
+    out = np.zeros((n, k, n, r), dtype=blocks.dtype)
+    out[np.arange(n), :, np.arange(n), :] = blocks
+    return out.reshape(n * k, n * r)
+
+
+def _base(fn):
+    while isinstance(fn, dist.ExpandedDistribution | dist.Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def _family(fn):
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            return "masked"
+        if isinstance(fn, dist.ExpandedDistribution | dist.Independent):
+            fn = fn.base_dist
+            continue
+        break
+    # exact classes: subclasses (e.g. a user's Normal with a different log_prob) or
+    # transformed Gaussians are not Gaussian in data space
+    for name in GAUSSIAN_LIKELIHOODS:
+        if type(fn) is getattr(dist, name):
+            return name
+    return None
+
+
+def _inner_name(fn):
+    names = [type(fn).__name__]
+    while isinstance(fn, dist.ExpandedDistribution | dist.Independent | dist.MaskedDistribution):
+        fn = fn.base_dist
+        names.append(type(fn).__name__)
+    return names[-1] if len(names) == 1 else f"{names[-1]} (wrapped in {', '.join(names[:-1])})"
+
+
+def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
+    """Checks an observed site's family and shapes and returns its :class:`GaussianSite`
+    (only shapes are read: ``fn`` and ``obs`` may be abstract tracers)."""
+    family = _family(fn)
+    if family == "masked":
+        raise ModelTracingError(f"observed site '{name}' is masked: {_MASK_HINT}.", name)
+    if family is None:
+        if isinstance(_base(fn), dist.Unit):
+            what = "a numpyro.factor term (or a Unit distribution)"
+        else:
+            what = f"likelihood {_inner_name(fn)}"
+        raise ModelTracingError(
+            f"observed site '{name}' has {what}, which is not Gaussian. eki_infer needs a "
+            "Gaussian likelihood with known noise: one of "
+            + ", ".join(GAUSSIAN_LIKELIHOODS)
+            + " (with .expand/.to_event or inside plates). Non-Gaussian likelihoods will "
+            "be served by an optimisation mode later. (If you meant to fix a latent "
+            "parameter to a value, use numpyro.handlers.substitute rather than condition.)",
+            name,
+        )
+    fn_shape = tuple(sample_shape) + tuple(fn.shape())
+    obs_shape = tuple(np.shape(obs))
+    try:
+        shape = tuple(np.broadcast_shapes(fn_shape, obs_shape))
+    except ValueError as err:
+        raise ModelTracingError(
+            f"observed site '{name}': data of shape {obs_shape} does not broadcast with the "
+            f"distribution's shape {fn_shape}.",
+            name,
+        ) from err
+    event_ndim = 0 if family == "Normal" else 1
+    scalar = family == "Normal" and math.prod(np.shape(_base(fn).scale)) == 1
+    return GaussianSite(family, shape, event_ndim, scalar)

@@ -1,0 +1,590 @@
+"""Tracing a NumPyro model into an :class:`InverseProblem` for ensemble Kalman methods.
+
+:func:`trace_model` runs the model under a custom handler (:class:`_WhitenedRun`) that, at
+each latent sample site in model order, takes the next slice of a whitened vector u and
+maps it through that site's distribution with :func:`~eki_infer.tracing.priors.
+whitened_transform`. Because the distribution is the one the model builds *at that
+moment*, its parameters may depend on earlier latents (eight schools' ``theta ~
+Normal(mu, tau)``): u ~ N(0, I_d) gives exactly the prior, hierarchical or not. Observed
+sites are left as they are and read: their means, concatenated, are the forward map
+G(u) ∈ R^M; their data are y; their scales/covariances make the noise Γ
+(:mod:`eki_infer.tracing.likelihoods`). One execution of the model gives both the
+constrained values and G(u), and everything is jit- and vmap-able.
+
+At trace time (once):
+
+- the model is traced abstractly (``jax.make_jaxpr``: nothing computed or compiled) to
+  find the sites, their shapes and plates (dimension names); unsupported constructs
+  raise :class:`ModelTracingError` naming the site: discrete, improper or unsupported
+  priors, non-Gaussian likelihoods, masks, subsampled plates, scale factors
+  (``handlers.scale``), Python control flow on sampled values, a model without latent
+  or without observed sites (a site with ``obs=None`` becomes latent: "did you pass the
+  data?");
+- the model is then compiled once and run (vmapped) at u = 0, two random u and one
+  perturbation of each latent site's slice. This gives the data (rejected if not
+  finite) and Γ; Γ must come out the same every time, otherwise the noise depends on a
+  latent variable, which is not supported yet (the error names the observed site and
+  the latent sites it moves with); a latent site whose perturbation changes neither
+  the forward map nor any other latent value gets a warning (usually data that was
+  not passed, in a model that has another observed site).
+
+Sites whose value is already set by an inner handler (``numpyro.handlers.substitute``) are
+constants, not latents. ``numpyro.param`` sites keep their initial value. Masks are
+rejected rather than handled: dropping the masked entries from y, G and Γ would give
+the right answer for diagonal noise but not for correlated noise, and a rejected mask
+is easy to rewrite (index the mean with the observed positions), so the tracer keeps one
+clear rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.primitives import Messenger
+
+from eki_infer.model_args import split_model_args
+from eki_infer.noise import Noise, block_diagonal
+from eki_infer.tracing.errors import ModelTracingError
+from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
+from eki_infer.tracing.priors import whitened_shape, whitened_transform
+
+__all__ = [
+    "DeterministicSite",
+    "InverseProblem",
+    "LatentSite",
+    "ObservedSite",
+    "trace_model",
+]
+
+
+class LatentSite(NamedTuple):
+    """A latent sample site: its value has ``shape``; it takes the whitened coordinates
+    ``u[start:stop]`` (``size = stop - start``, equal to ``prod(shape)`` except under a
+    shape-changing ``TransformedDistribution``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    size: int
+    start: int
+    stop: int
+    dims: tuple[str, ...]
+    family: str  # the distribution's class name, for summaries
+
+
+class ObservedSite(NamedTuple):
+    """An observed Gaussian site: its data are ``observations[start:stop]`` (flattened in C
+    order from ``shape``), its mean ``forward(u)[start:stop]``."""
+
+    name: str
+    shape: tuple[int, ...]
+    size: int
+    start: int
+    stop: int
+    dims: tuple[str, ...]
+    family: str  # Normal, MultivariateNormal or LowRankMultivariateNormal
+
+
+class DeterministicSite(NamedTuple):
+    """A ``numpyro.deterministic`` site, returned by ``prior_transform`` with the latents."""
+
+    name: str
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------
+# the handler
+
+
+def _is_trivial(value, neutral) -> bool:
+    """True when a mask/scale is concretely the neutral value (True / 1)."""
+    if value is None:
+        return True
+    try:
+        return bool(np.all(np.asarray(value) == neutral))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False  # traced: cannot tell, so not trivial
+
+
+def _strip_trivial_masks(fn):
+    """Drops MaskedDistribution wrappers whose mask is concretely all True."""
+    if isinstance(fn, dist.MaskedDistribution) and _is_trivial(fn._mask, True):
+        return _strip_trivial_masks(fn.base_dist)
+    return fn
+
+
+def _has_mask(fn):
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            return True
+        if not isinstance(fn, dist.ExpandedDistribution | dist.Independent):
+            return False
+        fn = fn.base_dist
+
+
+class _Record(NamedTuple):
+    name: str
+    fn: Any
+    value: Any
+    stack: tuple
+    sample_shape: tuple
+
+
+class _WhitenedRun(Messenger):
+    """Sets each latent site to the whitened transform of the next slice of ``u``.
+
+    ``u`` is a flat array; with ``u=None`` every latent gets whitened zeros (the prior
+    median, site by site), which is how the tracer discovers the model. ``strict`` turns on
+    the checks that need concrete values (masks, scales, plates), done at trace time.
+    """
+
+    def __init__(self, fn, u=None, strict: bool = False):
+        super().__init__(fn)
+        self.u = u
+        self.strict = strict
+        self.offset = 0
+        self.latents: list[_Record] = []
+        self.observed: list[_Record] = []
+        self.deterministic: list[_Record] = []
+
+    def process_message(self, msg):
+        kind = msg["type"]
+        if kind == "control_flow":
+            raise ModelTracingError(
+                "the model uses numpyro.contrib.control_flow (scan/cond) around sample "
+                "sites, which the tracer cannot look into; write the loop in Python, or "
+                "keep jax.lax.scan for the deterministic parts only.",
+                msg.get("name"),
+            )
+        if kind == "plate" and self.strict:
+            size, subsample_size = msg["args"]
+            if subsample_size is not None and subsample_size != size:
+                raise ModelTracingError(
+                    f"plate '{msg['name']}' is subsampled (subsample_size={subsample_size} "
+                    f"of {size}): ensemble Kalman methods use all the data at every step; "
+                    "remove subsample_size.",
+                    msg["name"],
+                )
+            return
+        if kind != "sample":
+            return
+        name = msg["name"]
+        role = "observed site" if msg["is_observed"] else "latent site"
+        fn = _strip_trivial_masks(msg["fn"])
+        msg["fn"] = fn
+        if self.strict and (not _is_trivial(msg.get("mask"), True) or _has_mask(fn)):
+            raise ModelTracingError(
+                f"{role} '{name}' is masked (obs_mask or handlers.mask): masked sites are "
+                "not supported; drop the missing entries from the data and index the "
+                "model's output with the observed positions instead.",
+                name,
+            )
+        if self.strict and not _is_trivial(msg.get("scale"), 1.0):
+            raise ModelTracingError(
+                f"{role} '{name}' has a log-density scale factor (handlers.scale or a "
+                "subsampled plate), which ensemble Kalman methods cannot represent; "
+                "remove it (to temper a Gaussian likelihood, scale its noise instead).",
+                name,
+            )
+        sample_shape = tuple(msg["kwargs"].get("sample_shape", ()) or ())
+        stack = tuple(msg.get("cond_indep_stack", ()))
+        if msg["is_observed"]:
+            self.observed.append(_Record(name, msg["fn"], msg["value"], stack, sample_shape))
+            return
+        if msg["value"] is not None:  # substituted by an inner handler: a constant
+            return
+        fn = msg["fn"]
+        if sample_shape:
+            fn = fn.expand(sample_shape + tuple(fn.batch_shape))
+        n = math.prod(whitened_shape(fn, name))
+        if self.u is None:
+            chunk = jnp.zeros((n,), dtype=jnp.result_type(float))
+        else:
+            if self.offset + n > self.u.shape[-1]:
+                raise ModelTracingError(
+                    f"latent site '{name}' needs whitened coordinates beyond the "
+                    f"{self.u.shape[-1]} found at trace time: the model's structure changed "
+                    "between runs.",
+                    name,
+                )
+            chunk = self.u[self.offset : self.offset + n]
+        value = whitened_transform(fn, chunk, name)
+        msg["value"] = value
+        self.latents.append(_Record(name, fn, value, stack, sample_shape))
+        self.offset += n
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "deterministic":
+            stack = tuple(msg.get("cond_indep_stack", ()))
+            self.deterministic.append(_Record(msg["name"], None, msg["value"], stack, ()))
+
+
+def _dims(name, shape, stack, event_ndim):
+    """Dimension names: the plate's name on the axes a plate spans, else name_dim_i."""
+    dims = [f"{name}_dim_{i}" for i in range(len(shape))]
+    batch_ndim = len(shape) - event_ndim
+    for frame in stack:
+        if frame.dim is None:
+            continue
+        axis = batch_ndim + frame.dim
+        if 0 <= axis < batch_ndim and shape[axis] == frame.size:
+            dims[axis] = frame.name
+    return tuple(dims)
+
+
+# --------------------------------------------------------------------------------------
+# the problem
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class InverseProblem:
+    """A NumPyro model seen as y = G(u) + η, η ~ N(0, Γ), u ~ N(0, I_d).
+
+    Built by :func:`trace_model`; immutable; hashed by identity (so it can be a static
+    argument of ``jax.jit``). All methods that take ``u`` are jit- and vmap-able; they
+    take u of shape (d,), and ``prior_transform``, ``forward``, ``transform_and_forward``
+    and ``pointwise_log_likelihood`` also accept (..., d) and map over the leading axes.
+
+    Attributes:
+        model, model_args, model_kwargs: the model and the arguments it was traced with.
+        dim: d, the number of whitened coordinates (all latent sites, flattened).
+        data_dim: M, the number of observations.
+        latent_sites, observed_sites, deterministic_sites: the sites, in model order.
+        observations: y, shape (M,), all observed data flattened and concatenated.
+        noise: Γ as an :mod:`eki_infer.noise` object (block diagonal over sites).
+    """
+
+    model: Callable
+    model_args: tuple
+    model_kwargs: dict
+    dim: int
+    data_dim: int
+    latent_sites: tuple[LatentSite, ...]
+    observed_sites: tuple[ObservedSite, ...]
+    deterministic_sites: tuple[DeterministicSite, ...]
+    observations: jax.Array
+    noise: Noise
+    _gaussian: tuple[GaussianSite, ...] = dataclasses.field(repr=False, default=())
+
+    # -- one execution of the model --------------------------------------------------
+
+    def _run(self, u):
+        u = jnp.asarray(u)
+        if u.shape != (self.dim,):
+            raise ValueError(f"u must have shape ({self.dim},), got {u.shape}")
+        run = _WhitenedRun(handlers.seed(self.model, rng_seed=0), u=u)
+        run(*self.model_args, **self.model_kwargs)
+        if run.offset != self.dim or len(run.observed) != len(self.observed_sites):
+            raise ModelTracingError(
+                "the model's structure (latent sizes or observed sites) changed since it "
+                "was traced; eki_infer needs a model whose sites do not depend on values."
+            )
+        return run
+
+    def _values(self, run):
+        values = {r.name: r.value for r in run.latents}
+        values.update({r.name: r.value for r in run.deterministic})
+        return values
+
+    def _forward(self, run):
+        means = [g.mean(r.fn) for g, r in zip(self._gaussian, run.observed, strict=True)]
+        return jnp.concatenate(means) if len(means) > 1 else means[0]
+
+    def _batched(self, f, u, *extra):
+        u = jnp.asarray(u)
+        if u.ndim == 1:
+            return f(u, *extra)
+        lead = u.shape[:-1]
+        out = jax.vmap(lambda v: f(v, *extra))(u.reshape(-1, u.shape[-1]))
+        return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+    # -- public maps -------------------------------------------------------------------
+
+    def prior_transform(self, u):
+        """u (d,) -> {latent site: constrained value, deterministic site: value}.
+
+        For u ~ N(0, I_d) the latent values are distributed exactly as the prior."""
+        return self._batched(lambda v: self._values(self._run(v)), u)
+
+    def forward(self, u):
+        """u (d,) -> G(u) (M,): the concatenated means of the observed sites."""
+        return self._batched(lambda v: self._forward(self._run(v)), u)
+
+    def transform_and_forward(self, u):
+        """u (d,) -> (prior_transform(u), forward(u)) from one execution of the model."""
+
+        def f(v):
+            run = self._run(v)
+            return self._values(run), self._forward(run)
+
+        return self._batched(f, u)
+
+    def unflatten_observations(self, z):
+        """(..., M) -> {observed site: (..., *site shape)}."""
+        z = jnp.asarray(z)
+        lead = z.shape[:-1]
+        return {
+            s.name: z[..., s.start : s.stop].reshape(lead + s.shape) for s in self.observed_sites
+        }
+
+    def pointwise_log_likelihood(self, u):
+        """u (d,) -> {observed site: log-likelihood per element (Normal; the site's shape)
+        or per event (multivariate; the site's batch shape, () for a single event)}."""
+
+        def f(v):
+            run = self._run(v)
+            return {
+                r.name: g.pointwise_log_likelihood(r.fn, r.value)
+                for g, r in zip(self._gaussian, run.observed, strict=True)
+            }
+
+        return self._batched(f, u)
+
+    def log_likelihood(self, u):
+        """u (d,) -> log N(y; G(u), Γ), the total Gaussian log-likelihood."""
+        return self.noise.log_prob(self.observations - self.forward(u))
+
+    def misfit(self, u):
+        """u (d,) -> ½ ‖Γ^{-1/2} (y − G(u))‖²."""
+        return self.noise.misfit(self.observations - self.forward(u))
+
+    def sample_observations(self, rng_key, u):
+        """A draw of the data from the likelihood, G(u) + η with η ~ N(0, Γ), as
+        {observed site: value of the site's shape} (for posterior predictive checks).
+        With u of shape (n, d) the key is split into one per row."""
+        u = jnp.asarray(u)
+        if u.ndim == 1:
+            return self.unflatten_observations(self.forward(u) + self.noise.sample(rng_key))
+        keys = jax.random.split(rng_key, math.prod(u.shape[:-1]))
+        flat = u.reshape(-1, u.shape[-1])
+        z = jax.vmap(lambda k, v: self.forward(v) + self.noise.sample(k))(keys, flat)
+        return self.unflatten_observations(z.reshape((*u.shape[:-1], self.data_dim)))
+
+    def __repr__(self):
+        def fmt(sites):
+            return ", ".join(f"{s.name}{list(s.shape)}" for s in sites) or "-"
+
+        return (
+            f"InverseProblem(d={self.dim}, M={self.data_dim}, latent: "
+            f"{fmt(self.latent_sites)}; observed: {fmt(self.observed_sites)}; "
+            f"noise: {self.noise!r})"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# tracing
+
+
+def _discover(model, args, kwargs):
+    """Runs the model abstractly (``jax.make_jaxpr``, nothing is compiled or computed):
+    the records hold the sites' names, distributions and shapes, not values."""
+    holder = {}
+
+    def run_once():
+        run = _WhitenedRun(handlers.seed(model, rng_seed=0), u=None, strict=True)
+        run(*args, **kwargs)
+        holder["run"] = run
+        return jnp.zeros(())
+
+    try:
+        jax.make_jaxpr(run_once)()
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerBoolConversionError,
+        jax.errors.TracerIntegerConversionError,
+    ) as err:
+        raise ModelTracingError(
+            "the model could not be traced with abstract values: it must be "
+            "jax.jit-compatible (no Python if/for on sampled values, no NumPy functions on "
+            f"them; use jnp and jax.lax). JAX said: {str(err).splitlines()[0]}"
+        ) from err
+    return holder["run"]
+
+
+def trace_model(model, *args, **kwargs) -> InverseProblem:
+    """Traces ``model(*args, **kwargs)`` into an :class:`InverseProblem`.
+
+    The model is ordinary NumPyro code: continuous priors, a deterministic forward
+    computation, Gaussian likelihoods with known noise and the data passed as ``obs``.
+    Raises :class:`ModelTracingError` (naming the site) for what cannot be served.
+    The model is traced abstractly once and then compiled once, evaluated at a few
+    whitened points to read the data and the noise and to check that the noise does not
+    depend on latent variables.
+    """
+    run = _discover(model, args, kwargs)
+
+    gaussian = [analyse_observation(r.name, r.fn, r.value, r.sample_shape) for r in run.observed]
+    if not run.observed:
+        sampled = ", ".join(f"'{r.name}' ({_family(r.fn)})" for r in run.latents)
+        raise ModelTracingError(
+            "the model has no observed site: did you pass the data? A site whose obs is "
+            "None is sampled as a latent variable"
+            + (f"; this run sampled {sampled}" if sampled else "")
+            + ". Pass the observations to trace_model the way the model takes them "
+            "(e.g. trace_model(model, x, y=y_obs))."
+        )
+    if not run.latents:
+        raise ModelTracingError(
+            "the model has no latent sample site: there is nothing to infer (sites set by "
+            "substitute/condition are constants)."
+        )
+
+    latent_sites, start = [], 0
+    for r in run.latents:
+        n = math.prod(whitened_shape(r.fn, r.name))
+        shape = tuple(jnp.shape(r.value))
+        dims = _dims(r.name, shape, r.stack, len(r.fn.event_shape))
+        latent_sites.append(LatentSite(r.name, shape, n, start, start + n, dims, _family(r.fn)))
+        start += n
+    d = start
+
+    observed_sites, start = [], 0
+    for g, r in zip(gaussian, run.observed, strict=True):
+        dims = _dims(r.name, g.shape, r.stack, g.event_ndim)
+        observed_sites.append(
+            ObservedSite(r.name, g.shape, g.size, start, start + g.size, dims, g.family)
+        )
+        start += g.size
+
+    deterministic_sites = tuple(
+        DeterministicSite(
+            r.name, tuple(jnp.shape(r.value)), _dims(r.name, jnp.shape(r.value), r.stack, 0)
+        )
+        for r in run.deterministic
+    )
+    draft = InverseProblem(
+        model=model,
+        model_args=tuple(args),
+        model_kwargs=dict(kwargs),
+        dim=d,
+        data_dim=start,
+        latent_sites=tuple(latent_sites),
+        observed_sites=tuple(observed_sites),
+        deterministic_sites=deterministic_sites,
+        observations=None,
+        noise=None,
+        _gaussian=tuple(gaussian),
+    )
+    noise_params, data = _probe(draft)
+    ys = []
+    for g, site, x in zip(gaussian, observed_sites, data, strict=True):
+        g.check_data(site.name, x)
+        ys.append(np.broadcast_to(np.asarray(x, dtype=float), g.shape).reshape(-1))
+    dtype = jnp.result_type(float)
+    return dataclasses.replace(
+        draft,
+        observations=jnp.asarray(np.concatenate(ys), dtype=dtype),
+        noise=block_diagonal([g.noise(p) for g, p in zip(gaussian, noise_params, strict=True)]),
+    )
+
+
+def _family(fn):
+    """The distribution's class name under .expand/.to_event wrappers."""
+    while type(fn).__name__ in ("ExpandedDistribution", "Independent"):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+_PROBE_CACHE: dict = {}
+_PROBE_CACHE_SIZE = 8
+
+
+def _compiled_probe(problem: InverseProblem):
+    """The probe as a function of U alone, compiled once per model structure.
+
+    The model's array arguments are passed to the compiled function (see
+    :mod:`eki_infer.model_args`), so tracing the same model again on new data of the
+    same shapes (every ``EKIInference.run``) reuses the compiled probe.
+    """
+    data, signature, rebuild = split_model_args(problem.model_args, problem.model_kwargs)
+
+    def probe(p, u):
+        run = p._run(u)
+        pairs = zip(p._gaussian, run.observed, strict=True)
+        noise = [g.noise_parameters(r.fn) for g, r in pairs]
+        observed = [jnp.asarray(r.value) for r in run.observed]
+        latents = [r.value for r in run.latents]
+        return noise, observed, latents, p._forward(run)
+
+    def probe_all(U, data):
+        args, kwargs = rebuild(data)
+        bound = dataclasses.replace(problem, model_args=args, model_kwargs=kwargs)
+        return jax.vmap(lambda u: probe(bound, u))(U)
+
+    if signature is None:
+        compiled = jax.jit(probe_all)
+    else:
+        key = (problem.model, signature, problem.latent_sites, problem.observed_sites)
+        compiled = _PROBE_CACHE.get(key)
+        if compiled is None:
+            compiled = jax.jit(probe_all)
+            if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
+                _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
+            _PROBE_CACHE[key] = compiled
+    return lambda U: compiled(U, data)
+
+
+def _probe(problem: InverseProblem):
+    """One compiled, vmapped run of the model at u = 0, two random u and one perturbation
+    of each latent site's slice. Returns each observed site's noise parameters and data;
+    raises if the noise changes with u; warns about latent sites nothing depends on."""
+    d = problem.dim
+    rng = np.random.default_rng(20240531)
+    u_a = rng.standard_normal(d)
+    rows = [np.zeros(d), u_a, 1.5 * rng.standard_normal(d)]
+    for s in problem.latent_sites:
+        v = u_a.copy()
+        v[s.start : s.stop] = rng.standard_normal(s.size) + 0.5
+        rows.append(v)
+    U = jnp.asarray(np.stack(rows), dtype=jnp.result_type(float))
+
+    noise, data, latents, z = jax.device_get(_compiled_probe(problem)(U))
+
+    def same(a, b):
+        return np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
+
+    for k, site in enumerate(problem.observed_sites):
+        params = [np.asarray(p) for p in noise[k]]
+        if not all(same(p[row], p[0]) for p in params for row in (1, 2)):
+            culprits = [
+                s.name
+                for i, s in enumerate(problem.latent_sites)
+                if not all(same(p[3 + i], p[1]) for p in params)
+            ]
+            who = f" (it changes with {', '.join(repr(c) for c in culprits)})" if culprits else ""
+            raise ModelTracingError(
+                f"the noise (scale or covariance) of observed site '{site.name}' depends on "
+                f"latent variables{who}. Learning the noise is not supported yet: Γ must be "
+                "known. Fix it to a value (pass sigma to the model as data, or "
+                "numpyro.handlers.substitute(model, {'sigma': value})), or estimate it "
+                "beforehand.",
+                site.name,
+            )
+
+    for i, s in enumerate(problem.latent_sites):
+        row = 3 + i
+        moved = not np.array_equal(z[row], z[1])
+        for j in range(len(problem.latent_sites)):
+            if j != i and not np.array_equal(latents[j][row], latents[j][1]):
+                moved = True
+        if not moved:
+            warnings.warn(
+                f"latent site '{s.name}' influences neither the observed sites nor any "
+                "other latent site: its posterior is its prior. If it is data, pass it "
+                "to the model (a site with obs=None is sampled as a latent variable).",
+                stacklevel=4,
+            )
+    return (
+        [tuple(np.asarray(p)[0] for p in params) for params in noise],
+        [np.asarray(x)[0] for x in data],
+    )

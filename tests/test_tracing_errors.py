@@ -1,0 +1,190 @@
+"""Models trace_model cannot serve: each raises ModelTracingError naming the site."""
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro import handlers
+
+from eki_infer.tracing import ModelTracingError, trace_model
+
+Y = np.array([1.0, 2.0, 3.0])
+
+
+def _raises(model, *args, match=(), site=None, **kwargs):
+    with pytest.raises(ModelTracingError) as err:
+        trace_model(model, *args, **kwargs)
+    message = str(err.value)
+    for fragment in match:
+        assert fragment in message, message
+    if site is not None:
+        assert f"'{site}'" in message and err.value.site == site, message
+    return message
+
+
+def test_non_gaussian_likelihood():
+    def model(y=None):
+        rate = numpyro.sample("rate", dist.LogNormal(0.0, 1.0))
+        numpyro.sample("counts", dist.Poisson(rate), obs=y)
+
+    _raises(
+        model,
+        y=np.array([1, 2]),
+        site="counts",
+        match=("Poisson", "Normal, MultivariateNormal, LowRankMultivariateNormal", "optimisation"),
+    )
+
+
+def test_transformed_gaussian_likelihood_is_not_gaussian():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.LogNormal(m, 0.1), obs=y)
+
+    _raises(model, y=Y, site="y", match=("LogNormal",))
+
+
+def test_factor_is_rejected():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.factor("penalty", -(m**2))
+        numpyro.sample("y", dist.Normal(m, 1.0), obs=y)
+
+    _raises(model, y=Y, site="penalty", match=("numpyro.factor",))
+
+
+def test_noise_depending_on_a_latent():
+    def model(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    message = _raises(model, y=Y, site="y", match=("depends on", "'sigma'", "substitute"))
+    assert "'mu'" not in message
+    # the fix suggested in the message works
+    problem = trace_model(handlers.substitute(model, {"sigma": 0.5}), y=Y)
+    np.testing.assert_allclose(problem.noise.variances(), 0.25)
+
+
+def test_mvn_covariance_depending_on_a_latent():
+    def model(y=None):
+        ell = numpyro.sample("ell", dist.LogNormal(0.0, 0.3))
+        x = jnp.arange(3.0)
+        cov = jnp.exp(-((x[:, None] - x[None, :]) ** 2) / ell) + 0.1 * jnp.eye(3)
+        numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(3), cov), obs=y)
+
+    _raises(model, y=Y, site="y", match=("'ell'",))
+
+
+def test_discrete_latent():
+    def model(y=None):
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    _raises(model, y=Y, site="z", match=("discrete", "Bernoulli"))
+
+
+def test_improper_prior():
+    def model(y=None):
+        m = numpyro.sample("m", dist.ImproperUniform(dist.constraints.real, (), ()))
+        numpyro.sample("y", dist.Normal(m, 1.0), obs=y)
+
+    _raises(model, y=Y, site="m", match=("improper",))
+
+
+def test_unsupported_prior_lists_families():
+    def model(y=None):
+        corr = numpyro.sample("corr", dist.LKJCholesky(3, 1.0))
+        numpyro.sample("y", dist.Normal(corr[1, 0], 1.0), obs=y)
+
+    _raises(model, y=Y, site="corr", match=("LKJCholesky", "Supported prior families", "Gamma"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_data(bad):
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(m, 1.0), obs=y)
+
+    _raises(model, y=np.array([1.0, bad, 3.0]), site="y", match=("1 non-finite",))
+
+
+def test_data_not_passed():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(m, 1.0).expand([3]), obs=y)
+
+    message = _raises(model, match=("did you pass the data?", "'y'"))
+    assert "no observed site" in message
+
+
+def test_one_of_two_data_sets_not_passed_warns():
+    def model(y1=None, y2=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y1", dist.Normal(m, 1.0).expand([3]), obs=y1)
+        numpyro.sample("y2", dist.Normal(m, 1.0).expand([3]), obs=y2)
+
+    with pytest.warns(UserWarning, match="'y2'.*If it is data, pass it"):
+        problem = trace_model(model, y1=Y)
+    assert [s.name for s in problem.latent_sites] == ["m", "y2"]
+
+
+def test_no_latent_site():
+    def model(y=None):
+        numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    _raises(model, y=Y, match=("no latent sample site",))
+
+
+def test_obs_mask():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", 3):
+            numpyro.sample("y", dist.Normal(m, 1.0), obs=y, obs_mask=np.array([True, False, True]))
+
+    _raises(model, y=Y, site="y_observed", match=("masked", "drop the missing entries"))
+
+
+def test_handlers_mask():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        with handlers.mask(mask=np.array([True, True, False])):
+            numpyro.sample("y", dist.Normal(m, 1.0).expand([3]), obs=y)
+
+    _raises(model, y=Y, site="y", match=("masked",))
+
+
+def test_trivial_mask_is_accepted():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        with handlers.mask(mask=True):
+            numpyro.sample("y", dist.Normal(m, 1.0).expand([3]), obs=y)
+
+    assert trace_model(model, y=Y).data_dim == 3
+
+
+def test_subsampled_plate():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", 3, subsample_size=2) as idx:
+            numpyro.sample("y", dist.Normal(m, 1.0), obs=y[idx])
+
+    _raises(model, y=Y, site="data", match=("subsample",))
+
+
+def test_scale_handler():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        with handlers.scale(scale=0.5):
+            numpyro.sample("y", dist.Normal(m, 1.0).expand([3]), obs=y)
+
+    _raises(model, y=Y, site="y", match=("scale",))
+
+
+def test_python_control_flow_on_a_latent():
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        loc = 1.0 if m > 0 else -1.0
+        numpyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    _raises(model, y=Y, match=("jax.jit-compatible",))
