@@ -142,7 +142,7 @@ def main(argv=None):
         f"| cheap, d={D}, M={M}, J={J} | {cheap['iterations']} | {cheap['run_after_compile_s']:.3f}"
         f" | {cheap['compile_s']:.2f} | {cheap['per_iteration_ms']:.2f} |",
         "",
-        "| known-cost map | batch of J (ms) | iterations | evaluations | run (s) | overhead ratio |",
+        "| known-cost map | batch of J (ms) | iterations | evaluations | run (s) | overhead |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| {args.layers} tanh layers of 256 | {costly['batch_eval_ms']:.1f} | {iterations} | "
         f"{evaluations} | {run:.3f} | {costly['overhead_ratio']:.3f} |",
