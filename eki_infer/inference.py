@@ -35,7 +35,9 @@ import numpy as np
 
 from eki_infer import processes as _processes
 from eki_infer import schedulers as _schedulers
+from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
+from eki_infer.executors import active_executor, using_executor
 from eki_infer.model_args import split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
@@ -115,6 +117,10 @@ class EKIInference:
         keep_path: keep every iteration's points (members or sigma points) as
             ``self.path``: a dict with ``"u"`` (chains, iterations + 1, P, d) in whitened
             space and each site's constrained values (chains, iterations + 1, P, ...).
+        executor: how black-box simulators in the model (see
+            :func:`eki_infer.simulators.black_box`) are mapped over the ensemble: an
+            :mod:`eki_infer.executors` instance (serial, threads, processes, Dask).
+            Default: serial. JAX forward maps ignore it (they are vmapped).
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
     """
 
@@ -133,6 +139,7 @@ class EKIInference:
         uki_mode: str = "tempering",
         chain_method: str = "vectorized",
         keep_path: bool = False,
+        executor=None,
         progress_bar: bool = True,
     ):
         if method not in METHODS:
@@ -166,6 +173,7 @@ class EKIInference:
         self.uki_mode = uki_mode
         self.chain_method = chain_method
         self.keep_path = bool(keep_path)
+        self.executor = executor
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
         self.problem = None
@@ -201,10 +209,30 @@ class EKIInference:
         return self.scheduler
 
     # ------------------------------------------------------------------ running
-    def run(self, rng_key, *model_args, **model_kwargs):
+    def run(self, rng_key, *model_args, checkpoint=None, resume: bool = False, **model_kwargs):
         """Runs all chains from the prior to the posterior; returns the ArviZ object
         (``InferenceData`` on arviz 0.x, ``xarray.DataTree`` on arviz 1.x) and keeps it
-        as ``self.inference_data``."""
+        as ``self.inference_data``.
+
+        Args:
+            rng_key: a JAX PRNG key; the same key gives the same result.
+            *model_args, **model_kwargs: the model's arguments, data included.
+            checkpoint: a file path: the complete state is written there atomically
+                after every iteration (see :mod:`eki_infer.checkpoint`).
+            resume: continue from ``checkpoint`` if it exists (same key, model and
+                options required); the result equals an uninterrupted run's.
+        """
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint path to resume from.")
+        with using_executor(self.executor):
+            return self._run(rng_key, model_args, model_kwargs, checkpoint, resume)
+
+    def resume(self, rng_key, *model_args, checkpoint, **model_kwargs):
+        """Continues the run saved in ``checkpoint`` (shorthand for ``run(...,
+        checkpoint=checkpoint, resume=True)``)."""
+        return self.run(rng_key, *model_args, checkpoint=checkpoint, resume=True, **model_kwargs)
+
+    def _run(self, rng_key, model_args, model_kwargs, checkpoint_path, resume):
         problem = trace_model(self.model, *model_args, **model_kwargs)
         self.problem = problem
         scheduler = self._make_scheduler()
@@ -224,10 +252,19 @@ class EKIInference:
             groups = [np.arange(self.num_chains)]
         else:
             groups = [np.array([c]) for c in range(self.num_chains)]
-        runs = [
-            self._run_chains(rng_key, ids, problem, process, scheduler, steps, data)
-            for ids in groups
-        ]
+        checkpoint = None
+        if checkpoint_path is not None:
+            checkpoint = Checkpoint(checkpoint_path, self._fingerprint(rng_key, problem, scheduler))
+            if resume:
+                checkpoint.load()
+        runs = list(checkpoint.finished) if checkpoint is not None else []
+        for index in range(len(runs), len(groups)):
+            group_run = self._run_chains(
+                rng_key, groups[index], problem, process, scheduler, steps, data, checkpoint, index
+            )
+            if checkpoint is not None:
+                checkpoint.save_finished(group_run)
+            runs.append(group_run)
         run = _merge_runs(runs)
         if not run.done.all() and _terminates(scheduler):
             warnings.warn(
@@ -243,8 +280,33 @@ class EKIInference:
         self.inference_data = self._to_arviz(problem, run, scheduler, steps, data)
         return self.inference_data
 
-    def _run_chains(self, rng_key, chain_ids, problem, process, scheduler, steps, data):
-        """Runs the chains ``chain_ids`` side by side (vmapped) to termination."""
+    def _keep_partial(self, records, path, num_chains):
+        """Keeps what a failed run recorded, for diagnosis, as ``history`` and ``path``."""
+        self.history = RunHistory(**_stack_records(records, num_chains))
+        if path:
+            self.path = {k: np.stack([p[k] for p in path], axis=1) for k in path[0]}
+
+    def _fingerprint(self, rng_key, problem, scheduler) -> tuple:
+        """What a checkpoint must match to be resumed by this run."""
+        options = (
+            self.method,
+            self.ensemble_size,
+            self.num_chains,
+            self.chain_method,
+            self.max_iterations,
+            self.num_samples,
+            self.eki_variant,
+            self.aldi,
+            self.uki_mode,
+            self.keep_path,
+        )
+        return (options, repr(scheduler), repr(problem), key_fingerprint(rng_key))
+
+    def _run_chains(
+        self, rng_key, chain_ids, problem, process, scheduler, steps, data, checkpoint, group
+    ):
+        """Runs the chains ``chain_ids`` side by side (vmapped) to termination, resuming
+        from ``checkpoint`` when it holds this group's progress."""
         num_chains = len(chain_ids)
         y, noise = problem.observations, problem.noise
         chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.asarray(chain_ids))
@@ -256,11 +318,23 @@ class EKIInference:
         path = []
         evaluations = np.zeros(num_chains, dtype=np.int64)
         initial_values = None
-        start = time.perf_counter()
+        first_iteration, elapsed_before = 0, 0.0
+        saved = checkpoint.current if checkpoint is not None else None
+        if saved is not None and saved["group"] == group:
+            states = jax.tree.map(jnp.asarray, saved["states"])
+            sched_states = jax.tree.map(jnp.asarray, saved["sched_states"])
+            records = {name: list(rows) for name, rows in saved["records"].items()}
+            path = list(saved["path"])
+            evaluations = np.asarray(saved["evaluations"]).copy()
+            initial_values = saved["initial_values"]
+            first_iteration, elapsed_before = saved["iteration"], saved["wall_time"]
+        start = time.perf_counter() - elapsed_before
         label = self.method.upper() + (f" chain {chain_ids[0]}" if num_chains == 1 else "")
         bar = _progress(self.progress_bar, self.max_iterations, label)
+        if bar is not None and first_iteration:
+            bar.update(first_iteration)
         try:
-            for iteration in range(self.max_iterations + 1):
+            for iteration in range(first_iteration, self.max_iterations + 1):
                 was_done = np.asarray(sched_states.done)
                 points, values, outputs, failed = steps.evaluate(states, data)
                 if initial_values is None:
@@ -271,7 +345,13 @@ class EKIInference:
                 evaluations += np.where(was_done, 0, failed_np.shape[1])
                 if was_done.all() or iteration == self.max_iterations:
                     break
-                _processes.check_failures(failed_np[~was_done], iteration)
+                try:
+                    _processes.check_failures(
+                        failed_np[~was_done], iteration, chain_ids=np.asarray(chain_ids)[~was_done]
+                    )
+                except _processes.EnsembleFailureError as error:
+                    self._keep_partial(records, path, num_chains)
+                    raise _with_simulator_errors(error, active_executor()) from None
                 step_keys = jax.vmap(lambda k, n=iteration: jax.random.fold_in(k, n + 1))(
                     chain_keys
                 )
@@ -281,6 +361,7 @@ class EKIInference:
                 dt = np.asarray(dt)
                 bad = ~was_done & ~(np.isfinite(dt) & (dt > 0))
                 if bad.any():
+                    self._keep_partial(records, path, num_chains)
                     raise SchedulerError(
                         f"{type(scheduler).__name__} gave no usable step at iteration "
                         f"{iteration} (chains {np.asarray(chain_ids)[bad].tolist()}: "
@@ -296,6 +377,20 @@ class EKIInference:
                 records["num_failed"].append(failed_np.sum(axis=1))
                 records["forward_evaluations"].append(evaluations.copy())
                 records["wall_time"].append(np.full(num_chains, time.perf_counter() - start))
+                if checkpoint is not None:
+                    checkpoint.save_progress(
+                        group,
+                        {
+                            "iteration": iteration + 1,
+                            "states": states,
+                            "sched_states": sched_states,
+                            "records": records,
+                            "path": path,
+                            "evaluations": evaluations,
+                            "initial_values": initial_values,
+                            "wall_time": time.perf_counter() - start,
+                        },
+                    )
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -404,6 +499,15 @@ class EKIInference:
     def posterior_group(self):
         """The posterior as an xarray Dataset, whatever the ArviZ line."""
         return group(self.inference_data, "posterior")
+
+
+def _with_simulator_errors(error, executor):
+    """Adds the black-box simulator's first error message, when there is one."""
+    errors = getattr(executor, "last_errors", None) or {}
+    if not errors:
+        return error
+    member, text = next(iter(errors.items()))
+    return type(error)(f"{error} First simulator error (member {member}): {text}")
 
 
 def _normal_pointwise_log_likelihood(problem, outputs):

@@ -11,9 +11,9 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-SMALL = '''import os
+SMALL = """import os
 SMALL = os.environ.get("EKI_INFER_SMALL") == "1"   # the test suite runs a reduced size
-'''
+"""
 
 QUICKSTART = [
     new_markdown_cell(
@@ -24,7 +24,7 @@ QUICKSTART = [
     ),
     new_code_cell(
         SMALL
-        + '''import jax
+        + """import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -33,7 +33,7 @@ import arviz as az
 import matplotlib.pyplot as plt
 
 numpyro.enable_x64()
-from eki_infer import EKIInference'''
+from eki_infer import EKIInference"""
     ),
     new_markdown_cell(
         "## 1. The model: ordinary NumPyro code\n\n"
@@ -42,7 +42,7 @@ from eki_infer import EKIInference'''
         "Γ = 0.1 I. Nothing about ensembles appears in the model."
     ),
     new_code_cell(
-        '''def model(t, y=None):
+        """def model(t, y=None):
     amplitude = numpyro.sample("amplitude", dist.Normal(2.0, 1.0))
     vertical_shift = numpyro.sample("vertical_shift", dist.Normal(0.0, 5.0))
     f = jnp.exp(amplitude * jnp.sin(t) + vertical_shift)
@@ -54,7 +54,7 @@ truth = {"amplitude": 1.0, "vertical_shift": 0.8}
 f_true = jnp.exp(truth["amplitude"] * jnp.sin(t) + truth["vertical_shift"])
 y_obs = jnp.stack([f_true.max(), f_true.mean()]) + jnp.sqrt(0.1) * jax.random.normal(
     jax.random.PRNGKey(1), (2,))
-y_obs'''
+y_obs"""
     ),
     new_markdown_cell(
         "## 2. Run EKI\n\n"
@@ -63,24 +63,27 @@ y_obs'''
         "that they sum to exactly T = 1."
     ),
     new_code_cell(
-        '''J = 50 if SMALL else 400
+        """J = 50 if SMALL else 400
 engine = EKIInference(model, method="eki", ensemble_size=J, num_chains=2, progress_bar=False)
 idata = engine.run(jax.random.PRNGKey(0), t, y=y_obs)
-engine.print_summary()'''
+engine.print_summary()"""
     ),
-    new_code_cell('''az.summary(idata, var_names=["amplitude", "vertical_shift"])'''),
+    new_code_cell("""az.summary(idata, var_names=["amplitude", "vertical_shift"])"""),
     new_markdown_cell(
         "## 3. The tempering path\n\n"
         "`engine.history` holds, per chain and iteration, the time t, the step Δt, the mean "
         "data misfit, failures and the cumulative number of forward evaluations."
     ),
     new_code_cell(
-        '''h = engine.history
+        """h = engine.history
 fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-axes[0].plot(h.t.T, marker="o"); axes[0].set_xlabel("iteration"); axes[0].set_ylabel("t")
-axes[1].semilogy(h.misfit_mean.T); axes[1].set_xlabel("iteration"); axes[1].set_ylabel("mean misfit")
+axes[0].plot(h.t.T, marker="o")
+axes[0].set(xlabel="iteration", ylabel="t")
+axes[1].semilogy(h.misfit_mean.T)
+axes[1].set(xlabel="iteration", ylabel="mean misfit")
 fig.tight_layout()
-print("iterations:", h.t.shape[1], " forward evaluations per chain:", h.forward_evaluations[:, -1])'''
+print("iterations:", h.t.shape[1])
+print("forward evaluations per chain:", h.forward_evaluations[:, -1])"""
     ),
     new_markdown_cell(
         "## 4. Same model, other methods\n\n"
@@ -88,7 +91,7 @@ print("iterations:", h.t.shape[1], " forward evaluations per chain:", h.forward_
         "compares posterior means and sds and the cost."
     ),
     new_code_cell(
-        '''from eki_infer.nuts import run_nuts
+        """from eki_infer.nuts import run_nuts
 
 uki = EKIInference(model, method="uki", num_samples=J, progress_bar=False)
 uki.run(jax.random.PRNGKey(0), t, y=y_obs)
@@ -98,16 +101,17 @@ nuts = run_nuts(model, jax.random.PRNGKey(0), t, y=y_obs,
 rows = {"EKI": engine.get_samples(), "UKI": uki.get_samples(), "NUTS": nuts.samples}
 for name, s in rows.items():
     a, v = np.ravel(s["amplitude"]), np.ravel(s["vertical_shift"])
-    print(f"{name:5s} amplitude {a.mean():6.3f} ± {a.std():.3f}   vertical_shift {v.mean():6.3f} ± {v.std():.3f}")
+    print(f"{name:5s} amplitude {a.mean():6.3f} ± {a.std():.3f}",
+          f"  vertical_shift {v.mean():6.3f} ± {v.std():.3f}")
 print("forward evaluations EKI:", int(engine.history.forward_evaluations[:, -1].sum()),
       " UKI:", int(uki.history.forward_evaluations[:, -1].sum()),
-      " NUTS gradient evaluations:", nuts.gradient_evaluations)'''
+      " NUTS gradient evaluations:", nuts.gradient_evaluations)"""
     ),
     new_markdown_cell("## 5. Posterior predictive check and LOO"),
     new_code_cell(
-        '''ppc = az.extract(idata, group="posterior_predictive")["y"].values
+        """ppc = az.extract(idata, group="posterior_predictive")["y"].values
 print("observed:", np.asarray(y_obs), " predictive mean:", ppc.mean(axis=-1))
-az.loo(idata)'''
+az.loo(idata)"""
     ),
 ]
 

@@ -4,6 +4,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpyro  # noqa: E402
+import numpyro
 
 numpyro.enable_x64()

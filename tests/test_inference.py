@@ -49,7 +49,6 @@ def eki_run(linear_data):
 
 def test_groups_contents_and_shapes(eki_run, linear_data):
     engine, data = eki_run
-    X, _ = linear_data
     posterior = group(data, "posterior")
     assert posterior["theta"].shape == (2, 400, 2)
     assert posterior["theta_sum"].shape == (2, 400)
@@ -159,9 +158,7 @@ def test_arviz_functions_accept_the_result(eki_run, tmp_path):
 def test_eks_and_transform_eki_run(linear_data):
     X, y = linear_data
     for method, options in (("eks", {"max_iterations": 30}), ("eki", {"eki_variant": "transform"})):
-        engine = EKIInference(
-            linear_model, method, ensemble_size=30, progress_bar=False, **options
-        )
+        engine = EKIInference(linear_model, method, ensemble_size=30, progress_bar=False, **options)
         engine.run(jax.random.PRNGKey(5), X, y=y)
         theta = engine.get_samples()["theta"]
         assert theta.shape == (30, 2) and np.isfinite(theta).all()

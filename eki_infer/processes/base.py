@@ -122,7 +122,7 @@ def detect_failures(outputs, failed=None):
     return bad
 
 
-def check_failures(failed, iteration, min_successes: int = 2):
+def check_failures(failed, iteration, min_successes: int = 2, chain_ids=None):
     """Raise :class:`EnsembleFailureError` when fewer than ``min_successes`` succeeded.
 
     A host-side (Python) check for the driver, to be called after the forward map has
@@ -132,6 +132,7 @@ def check_failures(failed, iteration, min_successes: int = 2):
         failed: boolean flags, shape ``(P,)`` or ``(chains, P)``.
         iteration: the iteration number, used in the message.
         min_successes: the fewest successful members an update can use (default 2).
+        chain_ids: the chains' numbers for the message (default: their positions).
 
     Returns:
         The number of failed members (an int, or an int array per chain).
@@ -147,6 +148,8 @@ def check_failures(failed, iteration, min_successes: int = 2):
             where = ""
         else:
             chains = np.flatnonzero(np.reshape(n_ok < min_successes, -1))
+            if chain_ids is not None:
+                chains = np.asarray(chain_ids)[chains]
             where = f" in chain(s) {', '.join(str(c) for c in chains)}"
         worst = int(np.min(n_ok))
         raise EnsembleFailureError(

@@ -1,0 +1,107 @@
+"""Checkpoints of a run, written atomically after every iteration.
+
+A checkpoint holds everything needed to continue a run exactly where it stopped: the
+process states of all chains (ensembles or UKI Gaussians), the scheduler states (time t,
+last Δt, done flags), the history so far, the evaluation counters, the initial ensemble
+and the path, plus the chain groups already finished (sequential chains). Random keys
+are not stored: iteration n of chain c always draws from ``fold_in(fold_in(rng_key, c),
+n)``, so a resumed run with the same key takes the same steps and ends bit for bit where
+an uninterrupted run would.
+
+Writing is atomic: the state is pickled to a temporary file in the same folder, flushed
+to disk, then renamed over the checkpoint, so a run killed at any moment leaves either
+the previous checkpoint or the new one, never a torn file. A checkpoint also records a
+fingerprint of the run (method, options, chains, key, model structure) and refuses to
+resume a different run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = ["Checkpoint", "CheckpointMismatchError"]
+
+_FORMAT = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint on disk was written by a different run."""
+
+
+class Checkpoint:
+    """One run's checkpoint file.
+
+    Args:
+        path: the file (created with its parent folder if missing).
+        fingerprint: a picklable description of the run; resuming compares it.
+    """
+
+    def __init__(self, path, fingerprint):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.finished: list = []
+        self.current: dict | None = None
+
+    def load(self) -> bool:
+        """Reads the file if it exists; returns whether there was anything to resume."""
+        if not self.path.exists():
+            return False
+        with open(self.path, "rb") as f:
+            content = pickle.load(f)
+        if content.get("format") != _FORMAT:
+            raise CheckpointMismatchError(
+                f"{self.path} has checkpoint format {content.get('format')}, expected {_FORMAT}."
+            )
+        if content["fingerprint"] != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{self.path} was written by a different run (method, options, number of "
+                "chains, rng_key or model structure differ); pass resume=False to start "
+                "afresh, or another checkpoint path."
+            )
+        self.finished = content["finished"]
+        self.current = content["current"]
+        return True
+
+    def save_progress(self, group: int, loop_state: dict) -> None:
+        """Records the running chain group's loop state and writes the file."""
+        self.current = {"group": group, **jax.device_get(loop_state)}
+        self._write()
+
+    def save_finished(self, run) -> None:
+        """Records a finished chain group (its whole result) and writes the file."""
+        self.finished.append(jax.device_get(run))
+        self.current = None
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        content = {
+            "format": _FORMAT,
+            "fingerprint": self.fingerprint,
+            "finished": self.finished,
+            "current": self.current,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(content, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def key_fingerprint(rng_key) -> tuple:
+    """A picklable, comparable identity of a JAX PRNG key."""
+    if jax.dtypes.issubdtype(getattr(rng_key, "dtype", None), jax.dtypes.prng_key):
+        rng_key = jax.random.key_data(rng_key)
+    return tuple(np.asarray(rng_key).ravel().tolist())

@@ -1,0 +1,216 @@
+"""Black-box simulators: same posterior as the JAX forward map, every executor, injected
+failures survived and counted, clear errors, NUTS refused, and kill-and-resume."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from eki_infer import EKIInference, EnsembleFailureError
+from eki_infer.convert import group
+from eki_infer.executors import DaskExecutor, ProcessExecutor, SerialExecutor, ThreadExecutor
+from eki_infer.nuts import run_nuts
+from eki_infer.schedulers import DefaultScheduler
+from eki_infer.simulators import BlackBoxGradientError, black_box
+from tests import _black_box_models as bbm
+
+Y = bbm.observations()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_engine(model, executor=None, ensemble_size=40, num_chains=2, **options):
+    engine = EKIInference(
+        model,
+        "eki",
+        ensemble_size=ensemble_size,
+        num_chains=num_chains,
+        executor=executor,
+        progress_bar=False,
+        **options,
+    )
+    engine.run(jax.random.PRNGKey(0), y=Y)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def jax_run():
+    return run_engine(bbm.make_model())
+
+
+def assert_same_posterior(a, b):
+    for name in ("rate", "scale"):
+        np.testing.assert_allclose(
+            a.get_samples()[name], b.get_samples()[name], rtol=1e-9, atol=1e-12
+        )
+    np.testing.assert_allclose(a.history.t, b.history.t, rtol=1e-12)
+
+
+def test_black_box_matches_jax_forward_map(jax_run):
+    engine = run_engine(bbm.make_model(bbm.decay_numpy))
+    assert_same_posterior(jax_run, engine)
+
+
+@pytest.mark.parametrize("make_executor", [SerialExecutor, lambda: ThreadExecutor(max_workers=2)])
+def test_executors_agree(jax_run, make_executor):
+    with make_executor() as executor:
+        engine = run_engine(bbm.make_model(bbm.decay_numpy), executor)
+    assert_same_posterior(jax_run, engine)
+
+
+def test_process_pool_executor(jax_run):
+    with ProcessExecutor(max_workers=2) as executor:
+        engine = run_engine(bbm.make_model(bbm.decay_numpy), executor)
+    assert_same_posterior(jax_run, engine)
+
+
+def test_dask_local_cluster_two_workers(jax_run):
+    pytest.importorskip("distributed")
+    with DaskExecutor(n_workers=2) as executor:
+        engine = run_engine(bbm.make_model(bbm.decay_numpy), executor)
+    assert_same_posterior(jax_run, engine)
+
+
+def test_nuts_refuses_black_box_model():
+    with pytest.raises(BlackBoxGradientError, match=r"decay_numpy.*no derivatives"):
+        run_nuts(
+            bbm.make_model(bbm.decay_numpy), jax.random.PRNGKey(0), y=Y, num_warmup=5, num_samples=5
+        )
+
+
+def test_injected_failures_are_survived_and_counted():
+    engine = run_engine(bbm.make_model(bbm.flaky_decay_numpy), ensemble_size=60, num_chains=1)
+    samples = engine.get_samples()
+    assert np.isfinite(samples["rate"]).all()
+    failures = engine.history.num_failed
+    assert failures.sum() > 0  # about a fifth of the members fail at every iteration
+    assert (failures < 60 - 2).all()
+    stats = group(engine.inference_data, "sample_stats")
+    failed = stats["failed"].values
+    misfit = stats["data_misfit"].values
+    assert np.isnan(misfit[failed]).all() and np.isfinite(misfit[~failed]).all()
+    history = group(engine.inference_data, "ensemble_history")
+    np.testing.assert_array_equal(history["num_failed"].values, failures)
+    # the posterior is still the posterior: close to the run without failures
+    reference = run_engine(bbm.make_model(), ensemble_size=60, num_chains=1)
+    rate, ref = samples["rate"], reference.get_samples()["rate"]
+    assert abs(rate.mean() - ref.mean()) < 0.5 * ref.std()
+
+
+def test_all_members_failing_names_the_iteration_and_the_error():
+    with pytest.raises(EnsembleFailureError, match=r"Iteration 0.*license server unreachable"):
+        run_engine(bbm.make_model(bbm.always_failing), ensemble_size=10, num_chains=1)
+
+
+def test_timeouts_fail_members():
+    def sometimes_hangs(rate, scale):
+        if float(rate) > 1.5:
+            time.sleep(1.0)
+        return bbm.decay_numpy(rate, scale)
+
+    with ThreadExecutor(max_workers=4, timeout=0.3) as executor:
+        engine = run_engine(
+            bbm.make_model(sometimes_hangs),
+            executor,
+            ensemble_size=12,
+            num_chains=1,
+            scheduler=DefaultScheduler(0.5),
+            max_iterations=2,
+        )
+    assert engine.history.num_failed[0, 0] > 0
+    assert np.isfinite(engine.get_samples()["rate"]).all()
+
+
+def test_black_box_output_shape_is_checked():
+    wrong = black_box(lambda rate, scale: np.zeros(3), output_shape=bbm.TIMES.shape)
+    outputs, failed = SerialExecutor().map(
+        lambda r, s: np.zeros(3), [(1.0, 1.0)], bbm.TIMES.shape, np.float64
+    )
+    assert failed.all() and np.isnan(outputs).all()
+    assert callable(wrong)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpyro
+    numpyro.enable_x64()
+    import jax
+    sys.path.insert(0, {root!r})
+    from eki_infer import EKIInference
+    from eki_infer.schedulers import DefaultScheduler
+    from tests import _black_box_models as bbm
+
+    engine = EKIInference(bbm.make_model(bbm.slow_decay_numpy), "eki", ensemble_size=20,
+                          num_chains=2, scheduler=DefaultScheduler(0.05), max_iterations=20,
+                          progress_bar=False)
+    engine.run(jax.random.PRNGKey(3), y=bbm.observations(), checkpoint={path!r})
+    """
+)
+
+
+def _checkpoint_iteration(path):
+    try:
+        with open(path, "rb") as f:
+            current = pickle.load(f)["current"]
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+        return -1
+    return -1 if current is None else current["iteration"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(root=str(ROOT), path=str(checkpoint)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    process = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path)
+    deadline = time.time() + 240
+    while _checkpoint_iteration(checkpoint) < 4:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint progress"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = _checkpoint_iteration(checkpoint)
+    assert 4 <= killed_at < 20
+
+    def engine():
+        return EKIInference(
+            bbm.make_model(bbm.slow_decay_numpy),
+            "eki",
+            ensemble_size=20,
+            num_chains=2,
+            scheduler=DefaultScheduler(0.05),
+            max_iterations=20,
+            progress_bar=False,
+        )
+
+    resumed = engine()
+    resumed.resume(jax.random.PRNGKey(3), y=bbm.observations(), checkpoint=checkpoint)
+    uninterrupted = engine()
+    uninterrupted.run(jax.random.PRNGKey(3), y=bbm.observations())
+    for name in ("rate", "scale"):
+        np.testing.assert_array_equal(
+            resumed.get_samples()[name], uninterrupted.get_samples()[name]
+        )
+    np.testing.assert_array_equal(resumed.history.t, uninterrupted.history.t)
+    np.testing.assert_array_equal(
+        resumed.history.forward_evaluations, uninterrupted.history.forward_evaluations
+    )
+
+
+def test_resume_refuses_another_run(tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    run_engine(bbm.make_model(), num_chains=1, ensemble_size=10).run(
+        jax.random.PRNGKey(0), y=Y, checkpoint=checkpoint
+    )
+    other = EKIInference(bbm.make_model(), "eki", ensemble_size=11, progress_bar=False)
+    with pytest.raises(ValueError, match="different run"):
+        other.run(jax.random.PRNGKey(0), y=Y, checkpoint=checkpoint, resume=True)
