@@ -205,7 +205,7 @@ class EKIInference:
             return _schedulers.default_scheduler(
                 self.method, mode=self.uki_mode if self.method == "uki" else None
             )
-        _schedulers.check_scheduler(self.method, self.scheduler)
+        _schedulers.check_scheduler(self.method, self.scheduler, mode=self.uki_mode)
         return self.scheduler
 
     # ------------------------------------------------------------------ running

@@ -191,3 +191,19 @@ def test_small_ensemble_warns(linear_data):
     engine = EKIInference(linear_model, "eki", ensemble_size=2, progress_bar=False)
     with pytest.warns(UserWarning, match="ensemble_size=2"):
         engine.run(jax.random.PRNGKey(0), X, y=y)
+
+
+def test_iterative_uki_with_data_misfit_controller_warns(linear_data):
+    from eki_infer.schedulers import DataMisfitController
+
+    X, y = linear_data
+    engine = EKIInference(
+        linear_model,
+        "uki",
+        uki_mode="iterative",
+        scheduler=DataMisfitController(),
+        max_iterations=3,
+        progress_bar=False,
+    )
+    with pytest.warns(UserWarning, match="iterative UKI"):
+        engine.run(jax.random.PRNGKey(0), X, y=y)
