@@ -25,6 +25,7 @@ or process task cannot be interrupted: it runs on, but its result is ignored.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import multiprocessing
 import threading
 import warnings
@@ -207,14 +208,9 @@ class DaskExecutor(Executor):
         from distributed import wait
 
         client = self._ensure_client()
-        futures = client.map(
-            _call_member,
-            [fn] * len(batch_args),
-            batch_args,
-            [shape] * len(batch_args),
-            [dtype] * len(batch_args),
-            pure=False,
-        )
+        # one function object for the whole batch: Dask serialises it once, not per task
+        member = functools.partial(_call_member, fn, shape=shape, dtype=dtype)
+        futures = client.map(member, batch_args, pure=False)
         done, _ = wait(futures, timeout=self.timeout) if self.timeout else (futures, None)
         done = set(done)
         results = []
