@@ -44,7 +44,7 @@ from eki_infer.tracing import trace_model
 
 __all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
 
-METHODS = ("eki", "eks", "uki")
+METHODS = ("eki", "eks", "uki", "smc")
 
 
 class SchedulerError(RuntimeError):
@@ -81,7 +81,7 @@ def default_ensemble_size(dim: int) -> int:
 
 
 def _default_max_iterations(method: str) -> int:
-    return {"eki": 100, "uki": 100, "eks": 200}[method]
+    return {"eki": 100, "uki": 100, "eks": 200, "smc": 200}[method]
 
 
 class EKIInference:
@@ -94,7 +94,12 @@ class EKIInference:
         method: ``"eki"`` (ensemble Kalman inversion, tempered from prior to T = 1 by the
             data-misfit controller), ``"eks"`` (ensemble Kalman sampler with the ALDI
             correction, run to equilibrium under the stable scheduler) or ``"uki"``
-            (unscented Kalman inversion as unscented tempering to T = 1).
+            (unscented Kalman inversion as unscented tempering to T = 1) or ``"smc"``
+            (tempered sequential Monte Carlo with Kalman-informed MH moves,
+            :mod:`eki_infer.smc`: exact as the particle number grows; ``ensemble_size``
+            is the particle count per chain, default 1000; ``max_iterations`` bounds
+            the stages; ``smc_options`` passes tuning keywords to
+            :func:`eki_infer.smc.run_smc`; gives ``log_evidence``).
         ensemble_size: members per chain (EKI/EKS). Default
             :func:`default_ensemble_size` of the latent dimension. UKI uses 2d + 1
             sigma points and ignores it.
@@ -141,6 +146,7 @@ class EKIInference:
         keep_path: bool = False,
         executor=None,
         progress_bar: bool = True,
+        smc_options: dict | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -176,6 +182,8 @@ class EKIInference:
         self.executor = executor
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
+        self.smc_options = dict(smc_options or {})
+        self.log_evidence = None
         self.problem = None
         self.inference_data = None
         self.history: RunHistory | None = None
@@ -235,6 +243,8 @@ class EKIInference:
     def _run(self, rng_key, model_args, model_kwargs, checkpoint_path, resume):
         problem = trace_model(self.model, *model_args, **model_kwargs)
         self.problem = problem
+        if self.method == "smc":
+            return self._run_smc(rng_key, problem, checkpoint_path)
         scheduler = self._make_scheduler()
         data, signature, rebuild = split_model_args(problem.model_args, problem.model_kwargs)
         key = None
@@ -277,7 +287,15 @@ class EKIInference:
         self.history = RunHistory(**run.records)
         self.path = run.path
         self._final_state = run.state
-        self.inference_data = self._to_arviz(problem, run, scheduler, steps, data)
+        self.inference_data = self._to_arviz(
+            problem,
+            run,
+            lambda u: steps.pointwise_log_likelihood(u, data),
+            {
+                "scheduler": repr(scheduler),
+                "chain_meaning": "independent ensemble (R-hat compares runs, not Markov chains)",
+            },
+        )
         return self.inference_data
 
     def _keep_partial(self, records, path, num_chains):
@@ -438,8 +456,69 @@ class EKIInference:
             t=np.asarray(sched_states.t),
         )
 
+    # ------------------------------------------------------------------ SMC (method="smc")
+    def _run_smc(self, rng_key, problem, checkpoint_path):
+        """Tempered SMC (:mod:`eki_infer.smc`): chains are independent SMC runs, draws
+        the final equally weighted particles; the per-stage history becomes
+        ``ensemble_history`` (dim ``iteration`` = stage) and ``self.history``; the log
+        evidence per chain is ``self.log_evidence`` and the ``log_evidence`` attribute
+        (mean over chains)."""
+        from eki_infer.smc import run_smc
+
+        if checkpoint_path is not None:
+            raise ValueError("method='smc' does not support checkpoints yet.")
+        num = self.ensemble_size or 1000
+        result = run_smc(
+            problem,
+            rng_key,
+            num,
+            self.num_chains,
+            max_stages=self.max_iterations,
+            progress_bar=self.progress_bar,
+            **self.smc_options,
+        )
+        self.history = result.history
+        self.log_evidence = result.log_evidence
+        self._final_state = result.state
+        transform = jax.jit(problem.prior_transform)
+        outputs = jnp.asarray(result.outputs)
+        key = jax.random.fold_in(rng_key, 2**30)
+        run = _ChainRun(
+            state=result.state,
+            samples_u=result.particles,
+            values=transform(result.particles),
+            outputs=outputs,
+            failed=~jnp.all(jnp.isfinite(outputs), axis=-1),
+            noise_draws=problem.noise.sample(key, outputs.shape[:2]),
+            initial_values=transform(result.initial_particles),
+            records=result.history._asdict(),
+            path=None,
+            evaluations=np.asarray(result.forward_evaluations),
+            done=np.ones(self.num_chains, dtype=bool),
+            t=np.asarray(result.history.t[:, -1]),
+        )
+        self.inference_data = self._to_arviz(
+            problem,
+            run,
+            jax.jit(problem.pointwise_log_likelihood),
+            {
+                "num_stages": int(result.history.t.shape[1]),
+                "sequential_rounds": int(result.sequential_rounds),
+                "log_evidence": float(np.mean(result.log_evidence)),
+                "log_evidence_per_chain": [float(v) for v in result.log_evidence],
+                "chain_meaning": "independent SMC run (R-hat compares runs, not Markov chains)",
+            },
+        )
+        return self.inference_data
+
+    # ------------------------------------------------------------------ SMC end
+
     # ------------------------------------------------------------------ output
-    def _to_arviz(self, problem, run, scheduler, steps, data):
+    def _to_arviz(self, problem, run, pointwise_log_likelihood, attrs):
+        """The ArviZ object of a finished run (any method): ``run`` carries per-chain
+        values, outputs, failures, noise draws and the initial draws; the pointwise
+        log-likelihood is computed from the outputs when every observed site is a Normal
+        and by ``pointwise_log_likelihood(u)`` otherwise."""
         y = problem.observations
         residual = run.outputs - y
         misfit = np.asarray(problem.noise.misfit(jnp.where(jnp.isfinite(residual), residual, 0)))
@@ -448,7 +527,7 @@ class EKIInference:
         if all(site.family == "Normal" for site in problem.observed_sites):
             log_lik = _normal_pointwise_log_likelihood(problem, run.outputs)
         else:  # multivariate sites: per-event densities need the model's distributions
-            log_lik = steps.pointwise_log_likelihood(run.samples_u, data)
+            log_lik = pointwise_log_likelihood(run.samples_u)
 
         dims = {}
         for site in (*problem.latent_sites, *problem.deterministic_sites, *problem.observed_sites):
@@ -465,12 +544,20 @@ class EKIInference:
             dims=dims,
             attrs={
                 "method": self.method,
-                "scheduler": repr(scheduler),
                 "num_iterations": int(self.history.t.shape[1]),
-                "forward_evaluations": int(run.evaluations.sum()),
-                "chain_meaning": "independent ensemble (R-hat compares runs, not Markov chains)",
+                "forward_evaluations": int(np.sum(run.evaluations)),
+                **attrs,
             },
         )
+
+    @property
+    def final_state(self):
+        """The process state after the last update, with a leading chain axis: an
+        ``EnsembleState`` (EKI/EKS: the members in whitened space), a ``UKIState`` (UKI:
+        the Gaussian's ``mean`` and ``cov`` in whitened space) or the SMC state."""
+        if self._final_state is None:
+            raise RuntimeError("No state yet: call run() first.")
+        return self._final_state
 
     def get_samples(self, group_by_chain: bool = False) -> dict:
         """Posterior values per site: arrays (num_chains * draws, ...) or, with

@@ -91,7 +91,7 @@ def test_uki_is_exact_on_linear_gaussian(linear_data):
     engine = EKIInference(linear_model, "uki", num_samples=4000, progress_bar=False)
     engine.run(jax.random.PRNGKey(3), X, y=y)
     mean, cov = exact_linear_posterior(np.asarray(X), np.asarray(y))
-    state = engine._final_state
+    state = engine.final_state
     prior_sd = np.array([1.0, 2.0])  # θ = prior_sd · u: the prior transform is affine here
     u_mean, u_cov = np.asarray(state.mean)[0], np.asarray(state.cov)[0]
     np.testing.assert_allclose(prior_sd * u_mean, mean, rtol=1e-8, atol=1e-10)

@@ -56,6 +56,7 @@ __all__ = [
     "EnsembleProcess",
     "EnsembleState",
     "anomalies",
+    "centred_weights",
     "check_ensemble_size",
     "check_failures",
     "detect_failures",
@@ -233,6 +234,18 @@ def ensemble_weights(y, dt, v):
     s = _eye(m, y.dtype) + dt * (y.T @ y)
     chol = jnp.linalg.cholesky(s)
     return cho_solve((chol, True), v.T).T @ y.T
+
+
+def centred_weights(h, ok, count):
+    """``H C`` with ``C = diag(ok)(I − 1 okᵀ/n)/√n``, so that ``(H C) @ u == H @ A`` for the
+    scaled anomalies A of ``u`` (:func:`anomalies`).
+
+    Folding the centring into the J × J weights lets an update touch the (J, d)
+    ensemble once (``u + (H C) @ u``) instead of forming the anomaly matrix first: half
+    the passes over the parameters when d ≫ M.
+    """
+    hm = jnp.where(ok[None, :], h, 0.0)
+    return (hm - jnp.sum(hm, axis=1, keepdims=True) * (ok / count)[None, :]) / jnp.sqrt(count)
 
 
 def implicit_solve(x, dt, rhs):

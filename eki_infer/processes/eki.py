@@ -32,6 +32,7 @@ from eki_infer.processes.base import (
     EnsembleProcess,
     EnsembleState,
     anomalies,
+    centred_weights,
     check_ensemble_size,
     detect_failures,
     ensemble_weights,
@@ -66,11 +67,10 @@ def eki_perturbed_update(rng_key, u, g, y, noise, dt, failed=None):
     ok = ~detect_failures(g, failed)
     k_obs, k_fail = jax.random.split(rng_key)
     gw, yw = whiten_outputs(g, ok, y, noise)
-    _, x, _ = anomalies(u, ok)
-    _, yanom, _ = anomalies(gw, ok)
+    _, yanom, count = anomalies(gw, ok)
     xi = jax.random.normal(k_obs, gw.shape, dtype=u.dtype)
     scaled = dt * (yw - gw) + jnp.sqrt(jnp.maximum(dt, 0.0)) * xi
-    new = u + ensemble_weights(yanom, dt, scaled) @ x
+    new = u + centred_weights(ensemble_weights(yanom, dt, scaled), ok, count) @ u
     new = redraw_failed(k_fail, new, ok)
     return keep_if_moved(dt, new, u)
 

@@ -1,0 +1,640 @@
+"""Tempered sequential Monte Carlo with Kalman-informed moves (derivative-free).
+
+The target path is the one EKI walks, made exact. In whitened space the prior is
+N(0, I_d), and at temperature t ∈ [0, 1]
+
+    π_t(u) ∝ N(u; 0, I) exp(−t Φ(u)),     Φ(u) = ½ ‖Γ^{-1/2}(y − G(u))‖².
+
+A population of N particles per chain starts from the prior and goes through stages;
+each stage
+
+1. **chooses Δt** by bisection (on log Δt) so that the effective sample size of the
+   incremental weights exp(−Δt Φ_i) is ``ess_target`` times the ESS at Δt → 0⁺ (the
+   latter discounts particles whose forward map failed, Φ = +∞). With equal weights
+   after every resampling this is also the conditional ESS. The last step is capped so
+   that t ends at exactly 1.
+2. **reweights and accumulates the evidence**: log Z += log Σ_i W_i exp(−Δt Φ_i);
+3. **resamples** systematically;
+4. **moves** every particle with Metropolis–Hastings kernels that leave π_t invariant.
+   The population's statistics (mean μ, covariance C + εI with Cholesky factor L, and
+   the cross-covariance C^{uG} of parameters and outputs) are computed once after
+   resampling and kept fixed during the stage, so each proposal is a fixed kernel.
+   Each particle picks, independently of its state, one of two proposals (a mixture of
+   π_t-reversible kernels is π_t-reversible); the Kalman proposal's probability is
+   adapted after each move to its share of the expected squared jump distance:
+
+   (a) *random walk* with the population covariance: u' = u + s L ξ, symmetric, so the
+       MH ratio is π_t(u')/π_t(u). The scale s is adapted after every move towards an
+       acceptance of ``rw_acceptance`` (0.25).
+
+   (b) *Kalman proposal*: the ensemble-Kalman (statistically linearised) estimate of the
+       posterior mean seen from u,
+
+           m(u) = u + δ(u),   δ(u) = t C^{uG} Γ^{-1} (y − G(u)) − C u,
+
+       is the information-form Kalman update of u (it uses only forward outputs: C^{uG}
+       stands in for C ∇Gᵀ). For linear G, C^{uG} = C Aᵀ and with C = C_t (the exact
+       covariance of π_t) m(u) is the exact posterior mean m_t for every u. The proposal
+       is the Crank–Nicolson move around it,
+
+           u' = u + (1 − ρ) δ(u) + κ L ξ,   κ = sqrt(1 − ρ²),  ξ ~ N(0, I_d),
+
+       i.e. q(u'|u) = N(u'; u + (1 − ρ) δ(u), κ² C). C is regularised to be
+       positive definite, so q has a density in both directions, and the reverse needs
+       only G(u'), which the move evaluates anyway:
+
+           log α = log π_t(u') − log π_t(u) + log q(u|u') − log q(u'|u),
+           log q(a|b) = −‖L^{-1}(a − b − (1 − ρ) δ(b))‖² / (2κ²) + const
+
+       (the normalising constants are equal and cancel). For a linear-Gaussian π_t and
+       C = C_t, q is exactly π_t-reversible (an AR(1) around m_t), so the acceptance is
+       1 for every ρ and κ = 1 is an independent draw from the posterior. Elsewhere κ is
+       adapted towards an acceptance of ``kalman_acceptance`` (0.3).
+
+   Moves repeat until every active chain has decorrelated from its resampled
+   positions: the largest rank correlation, over the coordinates of L^{-1}(u − μ), between
+   the particles' positions at the start of the stage and now is below
+   max(``corr_threshold``, 3/√N) (the second term: the noise floor of a sample
+   correlation), with at least ``min_moves`` and at most ``max_moves`` moves.
+
+Every move evaluates the forward map once for all particles of all chains in one jitted,
+vmapped call (so black-box simulators and executors see one batch per move). A particle
+whose output is non-finite gets Φ = +∞: weight zero when reweighting, a rejected
+proposal when moving. Fewer than two particles with finite Φ in a chain raises
+:class:`SMCError` naming the stage.
+
+The log evidence returned is log p(y) = log Z − ½ log det(2πΓ), with log Z the sum of the
+stages' log mean incremental weights: an unbiased estimate of Z (its log is biased
+downwards by about Var/2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.linalg import solve_triangular
+from jax.scipy.special import logsumexp
+
+__all__ = [
+    "MoveStats",
+    "SMCError",
+    "SMCHistory",
+    "SMCResult",
+    "SMCState",
+    "choose_dt",
+    "ess_of_log_weights",
+    "init",
+    "kalman_proposal",
+    "move",
+    "move_stats",
+    "reweight_and_resample",
+    "run_smc",
+    "systematic_resample",
+]
+
+
+class SMCError(RuntimeError):
+    """Too few particles with finite forward output to continue."""
+
+
+class SMCState(NamedTuple):
+    """One chain's population. Shapes: N particles, d parameters, M outputs.
+
+    Attributes:
+        particles: u, ``(N, d)`` in whitened space.
+        outputs: G(u), ``(N, M)`` (non-finite rows: failed forward runs).
+        misfit: Φ(u), ``(N,)``, +∞ where the forward map failed.
+        log_weights: normalised log weights ``(N,)`` (−log N after resampling).
+        t: the temperature reached.
+        log_z: log of the estimate of E_prior[exp(−t Φ)] so far.
+        rw_scale: the random-walk scale s (adapted).
+        kalman_step: κ = sqrt(1 − ρ²) of the Kalman proposal (adapted, in (0, 1]).
+        p_kalman: the probability that a particle uses the Kalman proposal (adapted).
+    """
+
+    particles: jax.Array
+    outputs: jax.Array
+    misfit: jax.Array
+    log_weights: jax.Array
+    t: jax.Array
+    log_z: jax.Array
+    rw_scale: jax.Array
+    kalman_step: jax.Array
+    p_kalman: jax.Array
+
+
+class MoveStats(NamedTuple):
+    """Population statistics fixed during a stage's moves.
+
+    Attributes:
+        mean: μ, ``(d,)``.
+        cov: C + εI, ``(d, d)``.
+        chol: its lower Cholesky factor L.
+        cross: C^{uG} Γ^{-1/2}ᵀ, ``(d, M)``: the covariance of u and the whitened outputs.
+        start: the resampled particles in L-coordinates, L^{-1}(u − μ), ``(N, d)``, for
+            the decorrelation criterion.
+    """
+
+    mean: jax.Array
+    cov: jax.Array
+    chol: jax.Array
+    cross: jax.Array
+    start: jax.Array
+
+
+class SMCHistory(NamedTuple):
+    """Per-stage record; every field has shape (num_chains, num_stages).
+
+    Stage k reweights from ``t − dt`` to ``t``, resamples and moves. ``ess`` is the
+    effective sample size (fraction of N) of the reweighted population before
+    resampling; ``moves`` the number of MH moves; ``acceptance_rw`` and
+    ``acceptance_kalman`` the mean acceptance of each proposal over the stage's moves;
+    ``rw_scale``, ``kalman_step`` and ``p_kalman`` the adapted proposal parameters at
+    the stage's end; ``correlation`` the decorrelation criterion after the last move;
+    ``misfit_mean`` the mean Φ of the final population (finite values); ``num_failed``
+    the number of non-finite forward outputs among the stage's proposals;
+    ``log_evidence`` the running log p(y) estimate; ``forward_evaluations`` (cumulative,
+    per chain) and ``wall_time`` (cumulative seconds, shared). Chains that reached t = 1
+    before the others repeat their last row with dt = 0 and moves = 0.
+    """
+
+    t: np.ndarray
+    dt: np.ndarray
+    ess: np.ndarray
+    moves: np.ndarray
+    acceptance_rw: np.ndarray
+    acceptance_kalman: np.ndarray
+    rw_scale: np.ndarray
+    kalman_step: np.ndarray
+    p_kalman: np.ndarray
+    correlation: np.ndarray
+    misfit_mean: np.ndarray
+    num_failed: np.ndarray
+    log_evidence: np.ndarray
+    forward_evaluations: np.ndarray
+    wall_time: np.ndarray
+
+
+class SMCResult(NamedTuple):
+    """What :func:`run_smc` returns; arrays have a leading chain axis.
+
+    Attributes:
+        particles: final equally weighted particles ``(chains, N, d)``.
+        outputs: their forward outputs ``(chains, N, M)``.
+        initial_particles: the prior draws the run started from ``(chains, N, d)``.
+        log_evidence: log p(y) estimates ``(chains,)``.
+        history: :class:`SMCHistory`.
+        forward_evaluations: per chain ``(chains,)``.
+        sequential_rounds: batched forward calls that had to wait for each other
+            (1 initial + the total number of moves).
+        state: the final :class:`SMCState` (chain axis first).
+    """
+
+    particles: np.ndarray
+    outputs: np.ndarray
+    initial_particles: np.ndarray
+    log_evidence: np.ndarray
+    history: SMCHistory
+    forward_evaluations: np.ndarray
+    sequential_rounds: int
+    state: SMCState
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _misfit(outputs, observations, noise):
+    """Φ per row; +∞ where the output is not finite."""
+    ok = jnp.all(jnp.isfinite(outputs), axis=-1)
+    residual = jnp.where(ok[:, None], observations - outputs, 0.0)
+    phi = noise.misfit(residual)
+    return jnp.where(ok & jnp.isfinite(phi), phi, jnp.inf)
+
+
+def init(rng_key, num_particles: int, dim: int, forward, observations, noise) -> SMCState:
+    """Prior draws and their forward outputs (``forward``: (N, d) -> (N, M))."""
+    u = jax.random.normal(rng_key, (num_particles, dim))
+    g = forward(u)
+    phi = _misfit(g, observations, noise)
+    n = num_particles
+    return SMCState(
+        particles=u,
+        outputs=g,
+        misfit=phi,
+        log_weights=jnp.full((n,), -math.log(n), dtype=u.dtype),
+        t=jnp.zeros((), u.dtype),
+        log_z=jnp.zeros((), u.dtype),
+        rw_scale=jnp.asarray(2.38 / math.sqrt(dim), u.dtype),
+        kalman_step=jnp.asarray(0.5, u.dtype),
+        p_kalman=jnp.asarray(0.5, u.dtype),
+    )
+
+
+def ess_of_log_weights(log_w):
+    """(Σw)² / Σw² for unnormalised log weights (0 when all are −∞)."""
+    a = 2.0 * logsumexp(log_w) - logsumexp(2.0 * log_w)
+    return jnp.where(jnp.isfinite(a), jnp.exp(a), 0.0)
+
+
+def _increment(log_weights, misfit, dt):
+    return log_weights + jnp.where(jnp.isfinite(misfit), -dt * misfit, -jnp.inf)
+
+
+def choose_dt(log_weights, misfit, t, ess_target: float, iterations: int = 60):
+    """The step Δt ∈ (0, 1 − t] at which the ESS of W_i exp(−Δt Φ_i) equals
+    ``ess_target`` times its limit as Δt → 0⁺; 1 − t if the ESS stays above that.
+
+    Bisection on log Δt over [log(1 − t) − 46, log(1 − t)] (Δt down to 1e-20 · (1 − t)).
+    """
+    remaining = jnp.maximum(1.0 - t, 0.0)
+    ess0 = ess_of_log_weights(jnp.where(jnp.isfinite(misfit), log_weights, -jnp.inf))
+    target = ess_target * ess0
+
+    def ess(dt):
+        return ess_of_log_weights(_increment(log_weights, misfit, dt))
+
+    hi = jnp.log(jnp.maximum(remaining, 1e-300))
+    lo = hi - 46.0
+
+    def body(_, bounds):
+        a, b = bounds
+        mid = 0.5 * (a + b)
+        ok = ess(jnp.exp(mid)) >= target
+        return jnp.where(ok, mid, a), jnp.where(ok, b, mid)
+
+    a, _ = jax.lax.fori_loop(0, iterations, body, (lo, hi))
+    dt = jnp.where(ess(remaining) >= target, remaining, jnp.exp(a))
+    return jnp.where(remaining > 0, dt, 0.0)
+
+
+def systematic_resample(rng_key, log_weights):
+    """Indices (N,) by systematic resampling of normalised ``log_weights``."""
+    n = log_weights.shape[0]
+    w = jnp.exp(log_weights - logsumexp(log_weights))
+    cdf = jnp.cumsum(w)
+    positions = (jnp.arange(n) + jax.random.uniform(rng_key, dtype=w.dtype)) / n
+    return jnp.minimum(jnp.searchsorted(cdf, positions * cdf[-1]), n - 1)
+
+
+def reweight_and_resample(rng_key, state: SMCState, ess_target: float):
+    """Steps the temperature (Δt by :func:`choose_dt`), reweights, updates log Z and
+    resamples. Returns ``(state, dt, ess_fraction, num_finite)``; a chain at t = 1 is
+    returned unchanged with dt = 0."""
+    n = state.misfit.shape[0]
+    dt = choose_dt(state.log_weights, state.misfit, state.t, ess_target)
+    log_w = _increment(state.log_weights, state.misfit, dt)
+    increment = logsumexp(log_w)  # weights were normalised: log Σ W_i e^{-Δt Φ_i}
+    ess = ess_of_log_weights(log_w) / n
+    num_finite = jnp.sum(jnp.isfinite(log_w))
+    idx = systematic_resample(rng_key, log_w)
+    moved = dt > 0
+    new = state._replace(
+        particles=state.particles[idx],
+        outputs=state.outputs[idx],
+        misfit=state.misfit[idx],
+        log_weights=jnp.full((n,), -math.log(n), dtype=log_w.dtype),
+        t=jnp.where(state.t + dt >= 1.0 - 1e-12, 1.0, state.t + dt),
+        log_z=state.log_z + increment,
+    )
+    state = jax.tree.map(lambda a, b: jnp.where(moved, a, b), new, state)
+    return state, dt, ess, num_finite
+
+
+def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> MoveStats:
+    """Mean, regularised covariance (C + ε I, ε = jitter · tr C / d + 1e-10), its
+    Cholesky factor and the whitened cross-covariance, over finite particles (1/n)."""
+    u, g = state.particles, state.outputs
+    ok = jnp.isfinite(state.misfit)
+    n = jnp.maximum(jnp.sum(ok), 1)
+    w = ok / n
+    mean = w @ u
+    du = jnp.where(ok[:, None], u - mean, 0.0)
+    gw = noise.whiten(jnp.where(ok[:, None], g - observations, 0.0))
+    gbar = w @ gw
+    dg = jnp.where(ok[:, None], gw - gbar, 0.0)
+    d = u.shape[1]
+    cov = du.T @ du / n
+    cov = 0.5 * (cov + cov.T)
+    cov = cov + (jitter * jnp.trace(cov) / d + 1e-10) * jnp.eye(d, dtype=u.dtype)
+    chol = jnp.linalg.cholesky(cov)
+    cross = du.T @ dg / n
+    start = solve_triangular(chol, (u - mean).T, lower=True).T
+    return MoveStats(mean, cov, chol, cross, start)
+
+
+def _drift(u, residual_w, t, stats: MoveStats):
+    """δ(u) = t C^{uG} Γ^{-1}(y − G(u)) − C u, rows; ``residual_w`` = Γ^{-1/2}(y − G)."""
+    return t * residual_w @ stats.cross.T - u @ stats.cov.T
+
+
+def kalman_proposal(u, residual_w, t, stats: MoveStats, kappa, xi):
+    """u' = u + (1 − ρ) δ(u) + κ L ξ with ρ = sqrt(1 − κ²) (rows)."""
+    rho = jnp.sqrt(jnp.maximum(1.0 - kappa**2, 0.0))
+    return u + (1.0 - rho) * _drift(u, residual_w, t, stats) + kappa * xi @ stats.chol.T
+
+
+def _kalman_log_q(to, frm, residual_w_frm, t, stats, kappa):
+    """log q(to | frm) up to a constant shared by both directions."""
+    rho = jnp.sqrt(jnp.maximum(1.0 - kappa**2, 0.0))
+    centre = frm + (1.0 - rho) * _drift(frm, residual_w_frm, t, stats)
+    z = solve_triangular(stats.chol, (to - centre).T, lower=True).T
+    return -0.5 * jnp.sum(z**2, axis=-1) / kappa**2
+
+
+def _whitened_residual(outputs, observations, noise):
+    ok = jnp.all(jnp.isfinite(outputs), axis=-1)
+    return noise.whiten(jnp.where(ok[:, None], observations - outputs, 0.0))
+
+
+def move(
+    rng_key,
+    state: SMCState,
+    stats: MoveStats,
+    forward,
+    observations,
+    noise,
+    *,
+    p_kalman: float | None = None,
+    rw_acceptance: float = 0.25,
+    kalman_acceptance: float = 0.3,
+):
+    """One MH move of every particle targeting π_t (t = ``state.t``), then adaptation
+    of the proposal parameters. Returns ``(state, info)`` with info = (acceptance of RW,
+    acceptance of Kalman, number of failed proposals, decorrelation criterion).
+
+    ``p_kalman``: a fixed probability of the Kalman proposal, or None (default) to
+    adapt it: after each move it is set to the Kalman proposal's share of the expected
+    squared jump distance per proposal (in L-coordinates), clipped to [0.1, 0.9]. The
+    choice never depends on a particle's position, so each move is a mixture of
+    π_t-reversible kernels whatever the probability.
+    """
+    k_choice, k_xi, k_accept = jax.random.split(rng_key, 3)
+    u, t = state.particles, state.t
+    n, d = u.shape
+    prob = state.p_kalman if p_kalman is None else jnp.asarray(p_kalman, u.dtype)
+    use_kalman = jax.random.uniform(k_choice, (n,)) < prob
+    xi = jax.random.normal(k_xi, (n, d), u.dtype)
+    res = _whitened_residual(state.outputs, observations, noise)
+    kappa = state.kalman_step
+    u_kal = kalman_proposal(u, res, t, stats, kappa, xi)
+    u_rw = u + state.rw_scale * xi @ stats.chol.T
+    proposal = jnp.where(use_kalman[:, None], u_kal, u_rw)
+
+    g_new = forward(proposal)
+    phi_new = _misfit(g_new, observations, noise)
+    failed = ~jnp.isfinite(phi_new)
+    res_new = _whitened_residual(g_new, observations, noise)
+
+    def log_target(v, phi):
+        return -0.5 * jnp.sum(v**2, axis=-1) - t * phi
+
+    log_alpha = log_target(proposal, phi_new) - log_target(u, state.misfit)
+    correction = _kalman_log_q(u, proposal, res_new, t, stats, kappa) - _kalman_log_q(
+        proposal, u, res, t, stats, kappa
+    )
+    log_alpha = log_alpha + jnp.where(use_kalman, correction, 0.0)
+    log_alpha = jnp.where(failed | ~jnp.isfinite(log_alpha), -jnp.inf, log_alpha)
+    accept = jnp.log(jax.random.uniform(k_accept, (n,))) < log_alpha
+    alpha = jnp.exp(jnp.minimum(log_alpha, 0.0))
+
+    def mean_over(mask, x):
+        return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+    acc_rw = mean_over(~use_kalman, alpha)
+    acc_kal = mean_over(use_kalman, alpha)
+    jump = jnp.sum(solve_triangular(stats.chol, (proposal - u).T, lower=True) ** 2, axis=0)
+    esjd_rw = mean_over(~use_kalman, alpha * jump)
+    esjd_kal = mean_over(use_kalman, alpha * jump)
+    both = (jnp.sum(use_kalman) > 0) & (jnp.sum(~use_kalman) > 0)
+    share = jnp.clip(esjd_kal / jnp.maximum(esjd_kal + esjd_rw, 1e-300), 0.1, 0.9)
+    new_prob = jnp.where(both & jnp.isfinite(share), share, prob)
+    new_u = jnp.where(accept[:, None], proposal, u)
+    new_state = state._replace(
+        particles=new_u,
+        outputs=jnp.where(accept[:, None], g_new, state.outputs),
+        misfit=jnp.where(accept, phi_new, state.misfit),
+        rw_scale=jnp.where(
+            jnp.sum(~use_kalman) > 0,
+            jnp.clip(state.rw_scale * jnp.exp(2.0 * (acc_rw - rw_acceptance)), 1e-3, 10.0),
+            state.rw_scale,
+        ),
+        kalman_step=jnp.where(
+            jnp.sum(use_kalman) > 0,
+            jnp.clip(kappa * jnp.exp(2.0 * (acc_kal - kalman_acceptance)), 0.02, 1.0),
+            kappa,
+        ),
+        p_kalman=new_prob,
+    )
+    z = solve_triangular(stats.chol, (new_u - stats.mean).T, lower=True).T
+    corr = _max_abs_correlation(stats.start, z)
+    return new_state, (acc_rw, acc_kal, jnp.sum(failed), corr)
+
+
+def _ranks(x):
+    return jnp.argsort(jnp.argsort(x, axis=0), axis=0).astype(x.dtype)
+
+
+def _max_abs_correlation(a, b):
+    """Largest |rank correlation(a[:, j], b[:, j])| over columns j (Spearman: a few
+    particles stuck in a distant minor mode do not dominate it)."""
+    a, b = _ranks(a), _ranks(b)
+    da, db = a - a.mean(0), b - b.mean(0)
+    num = jnp.sum(da * db, axis=0)
+    den = jnp.sqrt(jnp.sum(da**2, axis=0) * jnp.sum(db**2, axis=0))
+    return jnp.max(jnp.where(den > 0, jnp.abs(num) / jnp.where(den > 0, den, 1.0), 0.0))
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _compile(problem, observations, noise, options):
+    """Jitted chain-vmapped steps for one problem (closures over the model)."""
+
+    def forward_rows(u):
+        return problem.forward(u)
+
+    def init_chains(keys, n):
+        return jax.vmap(lambda k: init(k, n, problem.dim, forward_rows, observations, noise))(keys)
+
+    def stage_start(keys, states, active):
+        new, dt, ess, finite = jax.vmap(
+            lambda k, s: reweight_and_resample(k, s, options["ess_target"])
+        )(keys, states)
+        new = jax.tree.map(
+            lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+            new,
+            states,
+        )
+        stats = jax.vmap(lambda s: move_stats(s, observations, noise, options["jitter"]))(new)
+        return new, stats, dt, ess, finite
+
+    def move_chains(keys, states, stats, active):
+        kw = {
+            "p_kalman": options["p_kalman"],
+            "rw_acceptance": options["rw_acceptance"],
+            "kalman_acceptance": options["kalman_acceptance"],
+        }
+        new, info = jax.vmap(
+            lambda k, s, st: move(k, s, st, forward_rows, observations, noise, **kw)
+        )(keys, states, stats)
+        new = jax.tree.map(
+            lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+            new,
+            states,
+        )
+        return new, info
+
+    return (
+        jax.jit(init_chains, static_argnums=1),
+        jax.jit(stage_start),
+        jax.jit(move_chains),
+    )
+
+
+def run_smc(
+    problem,
+    rng_key,
+    num_particles: int = 1000,
+    num_chains: int = 1,
+    *,
+    ess_target: float = 0.5,
+    p_kalman: float | None = None,
+    min_moves: int = 1,
+    max_moves: int = 10,
+    corr_threshold: float = 0.1,
+    rw_acceptance: float = 0.25,
+    kalman_acceptance: float = 0.3,
+    max_stages: int = 200,
+    jitter: float = 1e-6,
+    progress_bar: bool = False,
+) -> SMCResult:
+    """Tempered SMC from the prior (t = 0) to the posterior (t = 1) of ``problem``
+    (an :class:`~eki_infer.tracing.InverseProblem`), ``num_chains`` independent runs of
+    ``num_particles`` particles, side by side. See the module docstring for the
+    algorithm; the keyword arguments are its tuning constants.
+
+    Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
+    ``num_chains`` is (up to floating-point rounding in the batched computation).
+    """
+    if num_particles < 2:
+        raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
+    if not 0.0 < ess_target < 1.0:
+        raise ValueError(f"ess_target must be in (0, 1), got {ess_target}.")
+    if p_kalman is not None and not 0.0 <= p_kalman <= 1.0:
+        raise ValueError(f"p_kalman must be in [0, 1], got {p_kalman}.")
+    if not 1 <= min_moves <= max_moves:
+        raise ValueError(f"need 1 <= min_moves <= max_moves, got {min_moves}, {max_moves}.")
+    y, noise = problem.observations, problem.noise
+    options = {
+        "ess_target": float(ess_target),
+        "p_kalman": None if p_kalman is None else float(p_kalman),
+        "rw_acceptance": float(rw_acceptance),
+        "kalman_acceptance": float(kalman_acceptance),
+        "jitter": float(jitter),
+    }
+    init_chains, stage_start, move_chains = _compile(problem, y, noise, options)
+    chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.arange(num_chains))
+    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
+
+    start_time = time.perf_counter()
+    states = init_chains(init_keys, int(num_particles))
+    initial = np.asarray(states.particles)
+    evaluations = np.full(num_chains, num_particles, dtype=np.int64)
+    _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
+    # Sample correlations of independent columns are ~N(0, 1/N): never ask for less.
+    threshold = max(corr_threshold, 3.0 / math.sqrt(num_particles))
+    const = -0.5 * (float(noise.logdet()) + problem.data_dim * math.log(2.0 * math.pi))
+    records = {name: [] for name in SMCHistory._fields}
+    rounds = 1
+    bar = _progress(progress_bar)
+    try:
+        for stage in range(1, max_stages + 1):
+            active = np.asarray(states.t) < 1.0
+            if not active.any():
+                break
+            stage_keys = jax.vmap(lambda k, s=stage: jax.random.fold_in(k, s))(chain_keys)
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(stage_keys)
+            states, stats, dt, ess, finite = stage_start(keys, states, jnp.asarray(active))
+            finite = np.asarray(finite)
+            _check_finite(np.where(active, finite, num_particles), stage, "reweighting")
+            acc_rw, acc_kal, failed_total = [], [], np.zeros(num_chains, dtype=np.int64)
+            moves = 0
+            corr = np.zeros(num_chains)
+            for m in range(1, max_moves + 1):
+                keys = jax.vmap(lambda k, m=m: jax.random.fold_in(k, m))(stage_keys)
+                states, info = move_chains(keys, states, stats, jnp.asarray(active))
+                a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
+                acc_rw.append(a_rw)
+                acc_kal.append(a_kal)
+                failed_total += np.where(active, n_failed, 0)
+                evaluations += np.where(active, num_particles, 0)
+                moves, rounds = m, rounds + 1
+                if m >= min_moves and np.all(corr[active] < threshold):
+                    break
+            phi = np.asarray(states.misfit)
+            records["t"].append(np.asarray(states.t))
+            records["dt"].append(np.where(active, np.asarray(dt), 0.0))
+            records["ess"].append(np.where(active, np.asarray(ess), 1.0))
+            records["moves"].append(np.where(active, moves, 0))
+            records["acceptance_rw"].append(np.mean(acc_rw, axis=0))
+            records["acceptance_kalman"].append(np.mean(acc_kal, axis=0))
+            records["rw_scale"].append(np.asarray(states.rw_scale))
+            records["kalman_step"].append(np.asarray(states.kalman_step))
+            records["p_kalman"].append(np.asarray(states.p_kalman))
+            records["correlation"].append(corr)
+            records["misfit_mean"].append(np.nanmean(np.where(np.isfinite(phi), phi, np.nan), 1))
+            records["num_failed"].append(failed_total)
+            records["log_evidence"].append(np.asarray(states.log_z) + const)
+            records["forward_evaluations"].append(evaluations.copy())
+            records["wall_time"].append(np.full(num_chains, time.perf_counter() - start_time))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(t=f"{float(np.min(states.t)):.3g}", moves=moves)
+    finally:
+        if bar is not None:
+            bar.close()
+    if np.any(np.asarray(states.t) < 1.0):
+        warnings.warn(
+            f"max_stages={max_stages} reached before t = 1 (t = {np.asarray(states.t)}); "
+            "the particles do not target the posterior yet. Increase max_stages.",
+            UserWarning,
+            stacklevel=2,
+        )
+    history = SMCHistory(
+        **{k: np.stack(v, axis=1) if v else np.zeros((num_chains, 0)) for k, v in records.items()}
+    )
+    return SMCResult(
+        particles=np.asarray(states.particles),
+        outputs=np.asarray(states.outputs),
+        initial_particles=initial,
+        log_evidence=np.asarray(states.log_z) + const,
+        history=history,
+        forward_evaluations=evaluations,
+        sequential_rounds=rounds,
+        state=states,
+    )
+
+
+def _check_finite(finite_counts, stage, where):
+    bad = np.nonzero(np.asarray(finite_counts) < 2)[0]
+    if bad.size:
+        raise SMCError(
+            f"SMC stage {stage} ({where}): fewer than 2 particles with a finite forward "
+            f"output in chains {bad.tolist()} (finite: {np.asarray(finite_counts)[bad].tolist()})."
+            " The forward map fails (NaN/inf) on most of the prior or of the tempered "
+            "posterior; check the model or use more particles."
+        )
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="SMC", unit="stage", leave=True)
