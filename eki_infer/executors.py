@@ -60,6 +60,23 @@ def _call_member(fn, member_args, shape, dtype):
     return out, None
 
 
+def _collect(futures, done, timeout):
+    """Per-member (output, error) from futures; unfinished ones are cancelled and fail
+    as timed out, and a future that raised (a worker died, a result could not be
+    deserialised) fails with its error."""
+    results = []
+    for future in futures:
+        if future not in done:
+            future.cancel()
+            results.append((None, f"timed out after {timeout} s"))
+            continue
+        try:
+            results.append(future.result())
+        except Exception as error:
+            results.append((None, f"{type(error).__name__}: {error}"))
+    return results
+
+
 class Executor:
     """Maps a simulator over the members of a batch. Subclasses implement ``_submit_all``.
 
@@ -132,17 +149,7 @@ class _PoolExecutor(Executor):
         pool = self._ensure_pool()
         futures = [pool.submit(_call_member, fn, args, shape, dtype) for args in batch_args]
         done, _ = cf.wait(futures, timeout=self.timeout)
-        results = []
-        for future in futures:
-            if future not in done:
-                future.cancel()
-                results.append((None, f"timed out after {self.timeout} s"))
-                continue
-            try:
-                results.append(future.result())
-            except Exception as error:  # e.g. a worker process died
-                results.append((None, f"{type(error).__name__}: {error}"))
-        return results
+        return _collect(futures, done, self.timeout)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -211,19 +218,11 @@ class DaskExecutor(Executor):
         # one function object for the whole batch: Dask serialises it once, not per task
         member = functools.partial(_call_member, fn, shape=shape, dtype=dtype)
         futures = client.map(member, batch_args, pure=False)
-        done, _ = wait(futures, timeout=self.timeout) if self.timeout else (futures, None)
-        done = set(done)
-        results = []
-        for future in futures:
-            if future not in done:
-                future.cancel()
-                results.append((None, f"timed out after {self.timeout} s"))
-                continue
-            try:
-                results.append(future.result())
-            except Exception as error:  # a lost worker, a deserialisation error
-                results.append((None, f"{type(error).__name__}: {error}"))
-        return results
+        try:
+            wait(futures, timeout=self.timeout)
+        except TimeoutError:  # distributed.wait raises instead of returning the done ones
+            pass
+        return _collect(futures, {f for f in futures if f.done()}, self.timeout)
 
     def close(self) -> None:
         if self._owned is not None:
