@@ -109,8 +109,10 @@ print("forward evaluations EKI:", int(engine.history.forward_evaluations[:, -1].
     ),
     new_markdown_cell("## 5. Posterior predictive check and LOO"),
     new_code_cell(
-        """ppc = az.extract(idata, group="posterior_predictive")["y"].values
-print("observed:", np.asarray(y_obs), " predictive mean:", ppc.mean(axis=-1))
+        """from eki_infer.convert import group  # a group as a Dataset, on arviz 0.x and 1.x
+
+ppc = group(idata, "posterior_predictive")["y"].values   # (chain, draw, 2)
+print("observed:", np.asarray(y_obs), " predictive mean:", ppc.mean(axis=(0, 1)))
 az.loo(idata)"""
     ),
 ]
