@@ -2,12 +2,8 @@
 stored). Run ``python notebooks/_build_02.py`` after editing; the tests execute the
 .ipynb itself (tests/test_notebooks.py, with EKI_INFER_SMALL=1)."""
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _build import write
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell(
@@ -135,16 +131,6 @@ fig.tight_layout()"""
         "in `benchmarks/results/posterior_accuracy.md`."
     ),
 ]
-
-
-def write(name, cells):
-    notebook = new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, HERE / name)
 
 
 if __name__ == "__main__":

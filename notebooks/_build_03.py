@@ -5,12 +5,8 @@ the scheduler study of ``benchmarks/scheduler_study.py`` (small when EKI_INFER_S
 as in the test suite) and writes nothing into the repository.
 """
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _build import write
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_code_cell(
@@ -162,15 +158,5 @@ plt.close("all")"""
 ]
 
 
-def main():
-    notebook = new_notebook(cells=CELLS)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, HERE / "03_schedulers.ipynb")
-
-
 if __name__ == "__main__":
-    main()
+    write("03_schedulers.ipynb", CELLS)

@@ -1,11 +1,7 @@
 """Writes notebooks/04_black_box_simulators.ipynb (run: python notebooks/_build_04.py)."""
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _build import write
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell(
@@ -109,11 +105,6 @@ except BlackBoxGradientError as error:
     ),
 ]
 
+
 if __name__ == "__main__":
-    notebook = new_notebook(cells=CELLS)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, HERE / "04_black_box_simulators.ipynb")
+    write("04_black_box_simulators.ipynb", CELLS)

@@ -5,12 +5,8 @@ The notebook needs neither optax nor scikit-learn nor statsmodels: it uses the d
 and sunspot data when those packages are installed and synthetic stand-ins otherwise.
 """
 
-from pathlib import Path
-
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _build import write
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
 CELLS = [
     new_markdown_cell(
@@ -243,15 +239,5 @@ plt.xlabel("EKI step"); plt.ylabel("ensemble-mean NLL"); plt.tight_layout()"""
 ]
 
 
-def main():
-    notebook = new_notebook(cells=CELLS)
-    notebook.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    nbformat.write(notebook, HERE / "05_eki_for_ml.ipynb")
-
-
 if __name__ == "__main__":
-    main()
+    write("05_eki_for_ml.ipynb", CELLS)

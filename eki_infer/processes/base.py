@@ -60,6 +60,7 @@ __all__ = [
     "check_ensemble_size",
     "check_failures",
     "detect_failures",
+    "ensemble_process",
     "ensemble_weights",
     "implicit_solve",
     "keep_if_moved",
@@ -88,6 +89,32 @@ class EnsembleProcess(NamedTuple):
     points: Callable
     update: Callable
     samples: Callable
+
+
+def ensemble_process(name: str, ensemble_size: int, step: Callable) -> EnsembleProcess:
+    """An :class:`EnsembleProcess` whose state is the ensemble itself (EKI, EKS).
+
+    ``step(rng_key, u, outputs, observations, noise, dt, failed) -> u`` is the update of
+    the (J, d) ensemble; the initial ensemble is J draws from N(0, I_d) and the posterior
+    samples are the current members.
+    """
+
+    def init(rng_key, dim):
+        return EnsembleState(jax.random.normal(rng_key, (ensemble_size, int(dim))))
+
+    def points(state):
+        return state.particles
+
+    def update(rng_key, state, outputs, failed, observations, noise, dt):
+        return EnsembleState(
+            step(rng_key, state.particles, outputs, observations, noise, dt, failed)
+        )
+
+    def samples(rng_key, state, num_samples=None):
+        del rng_key, num_samples
+        return state.particles
+
+    return EnsembleProcess(name, init, points, update, samples)
 
 
 class EnsembleState(NamedTuple):

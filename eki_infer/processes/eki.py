@@ -30,11 +30,11 @@ import jax.numpy as jnp
 
 from eki_infer.processes.base import (
     EnsembleProcess,
-    EnsembleState,
     anomalies,
     centred_weights,
     check_ensemble_size,
     detect_failures,
+    ensemble_process,
     ensemble_weights,
     keep_if_moved,
     redraw_failed,
@@ -120,20 +120,4 @@ def eki(ensemble_size: int, variant: str = "perturbed") -> EnsembleProcess:
     if variant not in EKI_VARIANTS:
         raise ValueError(f"eki: variant must be one of {EKI_VARIANTS}, got {variant!r}.")
     step = eki_perturbed_update if variant == "perturbed" else eki_transform_update
-
-    def init(rng_key, dim):
-        return EnsembleState(jax.random.normal(rng_key, (ensemble_size, int(dim))))
-
-    def points(state):
-        return state.particles
-
-    def update(rng_key, state, outputs, failed, observations, noise, dt):
-        return EnsembleState(
-            step(rng_key, state.particles, outputs, observations, noise, dt, failed)
-        )
-
-    def samples(rng_key, state, num_samples=None):
-        del rng_key, num_samples
-        return state.particles
-
-    return EnsembleProcess("eki", init, points, update, samples)
+    return ensemble_process("eki", ensemble_size, step)

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 
 from eki_infer.processes.base import (
     EnsembleProcess,
-    EnsembleState,
     anomalies,
     check_ensemble_size,
     detect_failures,
+    ensemble_process,
     implicit_solve,
     keep_if_moved,
     redraw_failed,
@@ -92,19 +92,7 @@ def eks(ensemble_size: int, aldi: bool = True) -> EnsembleProcess:
     ensemble_size = check_ensemble_size(ensemble_size)
     aldi = bool(aldi)
 
-    def init(rng_key, dim):
-        return EnsembleState(jax.random.normal(rng_key, (ensemble_size, int(dim))))
+    def step(rng_key, u, outputs, observations, noise, dt, failed):
+        return eks_update(rng_key, u, outputs, observations, noise, dt, failed, aldi)
 
-    def points(state):
-        return state.particles
-
-    def update(rng_key, state, outputs, failed, observations, noise, dt):
-        return EnsembleState(
-            eks_update(rng_key, state.particles, outputs, observations, noise, dt, failed, aldi)
-        )
-
-    def samples(rng_key, state, num_samples=None):
-        del rng_key, num_samples
-        return state.particles
-
-    return EnsembleProcess("eks", init, points, update, samples)
+    return ensemble_process("eks", ensemble_size, step)
