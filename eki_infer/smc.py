@@ -136,6 +136,8 @@ class MoveStats(NamedTuple):
         mean: μ, ``(d,)``.
         cov: C + εI, ``(d, d)``.
         chol: its lower Cholesky factor L.
+        chol_inv: L^{-1}, so that every per-particle whitening is a matrix product
+            (see :func:`move_stats` for why no triangular solve runs per move).
         cross: C^{uG} Γ^{-1/2}ᵀ, ``(d, M)``: the covariance of u and the whitened outputs.
         start: the resampled particles in L-coordinates, L^{-1}(u − μ), ``(N, d)``, for
             the decorrelation criterion.
@@ -144,6 +146,7 @@ class MoveStats(NamedTuple):
     mean: jax.Array
     cov: jax.Array
     chol: jax.Array
+    chol_inv: jax.Array
     cross: jax.Array
     start: jax.Array
 
@@ -308,7 +311,17 @@ def reweight_and_resample(rng_key, state: SMCState, ess_target: float):
 
 def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> MoveStats:
     """Mean, regularised covariance (C + ε I, ε = jitter · tr C / d + 1e-10), its
-    Cholesky factor and the whitened cross-covariance, over finite particles (1/n)."""
+    Cholesky factor and inverse factor, and the whitened cross-covariance, over finite
+    particles (1/n).
+
+    L^{-1} is formed once here (d × d) so that the moves whiten particles with matrix
+    products. Besides being cheaper, this keeps LAPACK out of the moves: on jaxlib's
+    CPU backend (0.10.x) a chain-batched triangular solve large enough to be split over
+    the intra-op thread pool waits for its pieces on that pool, and two such solves
+    running side by side (independent ops in one jitted move) can occupy every pool
+    thread and never return (seen on 2-core machines). The driver calls this function
+    once per chain (``lax.map``), so its own factorisations are never batched either.
+    """
     u, g = state.particles, state.outputs
     ok = jnp.isfinite(state.misfit)
     n = jnp.maximum(jnp.sum(ok), 1)
@@ -323,9 +336,10 @@ def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> Mo
     cov = 0.5 * (cov + cov.T)
     cov = cov + (jitter * jnp.trace(cov) / d + 1e-10) * jnp.eye(d, dtype=u.dtype)
     chol = jnp.linalg.cholesky(cov)
+    chol_inv = solve_triangular(chol, jnp.eye(d, dtype=u.dtype), lower=True)
     cross = du.T @ dg / n
-    start = solve_triangular(chol, (u - mean).T, lower=True).T
-    return MoveStats(mean, cov, chol, cross, start)
+    start = (u - mean) @ chol_inv.T
+    return MoveStats(mean, cov, chol, chol_inv, cross, start)
 
 
 def _drift(u, residual_w, t, stats: MoveStats):
@@ -343,7 +357,7 @@ def _kalman_log_q(to, frm, residual_w_frm, t, stats, kappa):
     """log q(to | frm) up to a constant shared by both directions."""
     rho = jnp.sqrt(jnp.maximum(1.0 - kappa**2, 0.0))
     centre = frm + (1.0 - rho) * _drift(frm, residual_w_frm, t, stats)
-    z = solve_triangular(stats.chol, (to - centre).T, lower=True).T
+    z = (to - centre) @ stats.chol_inv.T
     return -0.5 * jnp.sum(z**2, axis=-1) / kappa**2
 
 
@@ -408,7 +422,7 @@ def move(
 
     acc_rw = mean_over(~use_kalman, alpha)
     acc_kal = mean_over(use_kalman, alpha)
-    jump = jnp.sum(solve_triangular(stats.chol, (proposal - u).T, lower=True) ** 2, axis=0)
+    jump = jnp.sum(((proposal - u) @ stats.chol_inv.T) ** 2, axis=-1)
     esjd_rw = mean_over(~use_kalman, alpha * jump)
     esjd_kal = mean_over(use_kalman, alpha * jump)
     both = (jnp.sum(use_kalman) > 0) & (jnp.sum(~use_kalman) > 0)
@@ -431,7 +445,7 @@ def move(
         ),
         p_kalman=new_prob,
     )
-    z = solve_triangular(stats.chol, (new_u - stats.mean).T, lower=True).T
+    z = (new_u - stats.mean) @ stats.chol_inv.T
     corr = _max_abs_correlation(stats.start, z)
     return new_state, (acc_rw, acc_kal, jnp.sum(failed), corr)
 
@@ -471,7 +485,8 @@ def _compile(problem, observations, noise, options):
             new,
             states,
         )
-        stats = jax.vmap(lambda s: move_stats(s, observations, noise, options["jitter"]))(new)
+        # One chain at a time: no chain-batched LAPACK call (see move_stats).
+        stats = jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), new)
         return new, stats, dt, ess, finite
 
     def move_chains(keys, states, stats, active):

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import solve_triangular
 
 from eki_infer.processes.base import (
     EnsembleProcess,
@@ -168,9 +168,14 @@ def uki_update(
 
     s = jnp.eye(2 * d, dtype=dtype) + dt_eff * (big_y @ big_y.T)
     chol = jnp.linalg.cholesky(s)
-    gain_w = cho_solve((chol, True), big_y @ (dt_eff * (yw - y_hat)))
+    # One forward solve for both right-hand sides, then the back solve: the two solves
+    # depend on each other, so XLA never runs two chain-batched LAPACK calls side by
+    # side (on jaxlib 0.10's CPU backend those can starve its thread pool; smc.py).
+    rhs = jnp.concatenate([big_theta, (big_y @ (dt_eff * (yw - y_hat)))[:, None]], axis=1)
+    half = solve_triangular(chol, rhs, lower=True)
+    z = half[:, :-1]
+    gain_w = solve_triangular(chol.T, half[:, -1], lower=False)
     new_mean = m_s + big_theta.T @ gain_w
-    z = solve_triangular(chol, big_theta, lower=True)
     new_cov = z.T @ z
 
     iteration = state.iteration + 1
