@@ -35,6 +35,7 @@ import numpy as np
 
 from eki_infer import processes as _processes
 from eki_infer import schedulers as _schedulers
+from eki_infer.blas_threads import limited_blas_threads
 from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
@@ -127,6 +128,12 @@ class EKIInference:
             :mod:`eki_infer.executors` instance (serial, threads, processes, Dask).
             Default: serial. JAX forward maps ignore it (they are vmapped).
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
+        blas_threads: threads the BLAS/LAPACK library (SciPy's OpenBLAS, which jaxlib
+            uses for CPU factorisations) may use during a run, restored afterwards
+            (:mod:`eki_infer.blas_threads`). Default 1: an ensemble step's
+            factorisations are small, and idle OpenBLAS threads spinning after each
+            one slow the next forward evaluation down. ``None`` leaves the setting
+            alone (worth it only for UKI with d in the thousands).
     """
 
     def __init__(
@@ -147,6 +154,7 @@ class EKIInference:
         executor=None,
         progress_bar: bool = True,
         smc_options: dict | None = None,
+        blas_threads: int | None = 1,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
@@ -165,6 +173,10 @@ class EKIInference:
             )
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples}.")
+        if blas_threads is not None and int(blas_threads) < 1:
+            raise ValueError(
+                f"blas_threads must be a positive integer or None, got {blas_threads}."
+            )
         self.model = model
         self.method = method
         self.ensemble_size = None if ensemble_size is None else int(ensemble_size)
@@ -183,6 +195,7 @@ class EKIInference:
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
         self.smc_options = dict(smc_options or {})
+        self.blas_threads = None if blas_threads is None else int(blas_threads)
         self.log_evidence = None
         self.problem = None
         self.inference_data = None
@@ -232,7 +245,7 @@ class EKIInference:
         """
         if resume and checkpoint is None:
             raise ValueError("resume=True needs the checkpoint path to resume from.")
-        with using_executor(self.executor):
+        with using_executor(self.executor), limited_blas_threads(self.blas_threads):
             return self._run(rng_key, model_args, model_kwargs, checkpoint, resume)
 
     def resume(self, rng_key, *model_args, checkpoint, **model_kwargs):
@@ -327,10 +340,8 @@ class EKIInference:
         from ``checkpoint`` when it holds this group's progress."""
         num_chains = len(chain_ids)
         y, noise = problem.observations, problem.noise
-        chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.asarray(chain_ids))
-        init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
-        states = jax.vmap(process.init, in_axes=(0, None))(init_keys, problem.dim)
-        sched_states = jax.vmap(lambda _: scheduler.init())(jnp.arange(num_chains))
+        chain_keys = _chain_keys(rng_key, jnp.asarray(chain_ids))
+        states, sched_states = steps.init(_fold_keys(chain_keys, 0))
 
         records = {name: [] for name in RunHistory._fields}
         path = []
@@ -370,9 +381,7 @@ class EKIInference:
                 except _processes.EnsembleFailureError as error:
                     self._keep_partial(records, path, num_chains)
                     raise _with_simulator_errors(error, active_executor()) from None
-                step_keys = jax.vmap(lambda k, n=iteration: jax.random.fold_in(k, n + 1))(
-                    chain_keys
-                )
+                step_keys = _fold_keys(chain_keys, iteration + 1)
                 states, sched_states, dt, stats = steps.advance(
                     step_keys, states, sched_states, outputs, failed, y, noise
                 )
@@ -420,7 +429,7 @@ class EKIInference:
             if bar is not None:
                 bar.close()
 
-        final_keys = jax.vmap(lambda k: jax.random.fold_in(k, 2**30))(chain_keys)
+        final_keys = _fold_keys(chain_keys, 2**30)
         if self.method == "uki":
             # UKI's posterior is the Gaussian N(m, C): draw from it and evaluate the draws
             # once (for the posterior predictive and the log-likelihood).
@@ -586,6 +595,18 @@ class EKIInference:
     def posterior_group(self):
         """The posterior as an xarray Dataset, whatever the ArviZ line."""
         return group(self.inference_data, "posterior")
+
+
+@jax.jit
+def _chain_keys(rng_key, chain_ids):
+    """``fold_in(rng_key, c)`` for each chain id c (one compiled call, not a retrace)."""
+    return jax.vmap(lambda c: jax.random.fold_in(rng_key, c))(chain_ids)
+
+
+@jax.jit
+def _fold_keys(keys, n):
+    """``fold_in(k, n)`` for each key k: every chain's key for iteration n."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
 
 
 def _with_simulator_errors(error, executor):

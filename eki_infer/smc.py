@@ -82,12 +82,14 @@ from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 
 __all__ = [
+    "SCHEDULES",
     "MoveStats",
     "SMCError",
     "SMCHistory",
     "SMCResult",
     "SMCState",
     "choose_dt",
+    "dmc_dt",
     "ess_of_log_weights",
     "init",
     "kalman_proposal",
@@ -97,6 +99,10 @@ __all__ = [
     "run_smc",
     "systematic_resample",
 ]
+
+
+#: Tempering schedules of :func:`run_smc`: effective sample size or data-misfit controller.
+SCHEDULES = ("ess", "dmc")
 
 
 class SMCError(RuntimeError):
@@ -276,6 +282,29 @@ def choose_dt(log_weights, misfit, t, ess_target: float, iterations: int = 60):
     return jnp.where(remaining > 0, dt, 0.0)
 
 
+def dmc_dt(misfit, t, data_dim: int):
+    """The data-misfit controller's step (Iglesias & Yang 2021; ALGORITHMS.md §2), from an
+    equally weighted population's misfits: over the finite Φ_i (n of them),
+
+        q = max(M / (2⟨Φ⟩), sqrt(M / (2 Var Φ))),   Var with 1/(n − 1),
+        Δt = min(q, 1 − t),
+
+    M the data dimension. An infinite q (all Φ equal, or all zero) takes the whole
+    remaining step, where the weights are all equal anyway; a NaN q (fewer than two finite
+    Φ, which the driver has already turned into an :class:`SMCError`) also falls back to
+    1 − t, never to NaN.
+    """
+    remaining = jnp.maximum(1.0 - t, 0.0)
+    ok = jnp.isfinite(misfit)
+    n = jnp.sum(ok).astype(remaining.dtype)
+    phi = jnp.where(ok, misfit, 0.0)
+    mean = jnp.sum(phi) / n
+    var = jnp.sum(jnp.where(ok, (phi - mean) ** 2, 0.0)) / (n - 1.0)
+    q = jnp.maximum(data_dim / (2.0 * mean), jnp.sqrt(data_dim / (2.0 * var)))
+    q = jnp.where(jnp.isnan(q) | (q <= 0), remaining, q)
+    return jnp.where(remaining > 0, jnp.minimum(q, remaining), 0.0)
+
+
 def systematic_resample(rng_key, log_weights):
     """Indices (N,) by systematic resampling of normalised ``log_weights``."""
     n = log_weights.shape[0]
@@ -285,12 +314,17 @@ def systematic_resample(rng_key, log_weights):
     return jnp.minimum(jnp.searchsorted(cdf, positions * cdf[-1]), n - 1)
 
 
-def reweight_and_resample(rng_key, state: SMCState, ess_target: float):
-    """Steps the temperature (Δt by :func:`choose_dt`), reweights, updates log Z and
-    resamples. Returns ``(state, dt, ess_fraction, num_finite)``; a chain at t = 1 is
-    returned unchanged with dt = 0."""
+def reweight_and_resample(rng_key, state: SMCState, ess_target: float, schedule: str = "ess"):
+    """Steps the temperature (Δt by :func:`choose_dt` for ``schedule="ess"``, by
+    :func:`dmc_dt` for ``"dmc"``), reweights, updates log Z and resamples. Returns
+    ``(state, dt, ess_fraction, num_finite)``; a chain at t = 1 is returned unchanged
+    with dt = 0."""
     n = state.misfit.shape[0]
-    dt = choose_dt(state.log_weights, state.misfit, state.t, ess_target)
+    if schedule == "dmc":
+        # the population is equally weighted here (after init or the last resampling)
+        dt = dmc_dt(state.misfit, state.t, state.outputs.shape[-1])
+    else:
+        dt = choose_dt(state.log_weights, state.misfit, state.t, ess_target)
     log_w = _increment(state.log_weights, state.misfit, dt)
     increment = logsumexp(log_w)  # weights were normalised: log Σ W_i e^{-Δt Φ_i}
     ess = ess_of_log_weights(log_w) / n
@@ -478,7 +512,7 @@ def _compile(problem, observations, noise, options):
 
     def stage_start(keys, states, active):
         new, dt, ess, finite = jax.vmap(
-            lambda k, s: reweight_and_resample(k, s, options["ess_target"])
+            lambda k, s: reweight_and_resample(k, s, options["ess_target"], options["schedule"])
         )(keys, states)
         new = jax.tree.map(
             lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
@@ -518,6 +552,7 @@ def run_smc(
     num_particles: int = 1000,
     num_chains: int = 1,
     *,
+    schedule: str = "ess",
     ess_target: float = 0.5,
     p_kalman: float | None = None,
     min_moves: int = 1,
@@ -539,6 +574,8 @@ def run_smc(
     """
     if num_particles < 2:
         raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
     if not 0.0 < ess_target < 1.0:
         raise ValueError(f"ess_target must be in (0, 1), got {ess_target}.")
     if p_kalman is not None and not 0.0 <= p_kalman <= 1.0:
@@ -548,6 +585,7 @@ def run_smc(
     y, noise = problem.observations, problem.noise
     options = {
         "ess_target": float(ess_target),
+        "schedule": schedule,
         "p_kalman": None if p_kalman is None else float(p_kalman),
         "rw_acceptance": float(rw_acceptance),
         "kalman_acceptance": float(kalman_acceptance),

@@ -23,6 +23,7 @@ __all__ = ["CompiledSteps", "compile_steps"]
 class CompiledSteps(NamedTuple):
     """Jitted functions; ``data`` is the tuple of dynamic argument leaves.
 
+    init(keys (chains,)) -> (states, sched_states): the prior ensembles
     evaluate(states, data) -> (points, values, outputs, failed)
     advance(keys, states, sched_states, outputs, failed, y, noise)
         -> (states, sched_states, dt, (misfit_mean, misfit_sd))
@@ -31,6 +32,7 @@ class CompiledSteps(NamedTuple):
     pointwise_log_likelihood(u (chains, n, d), data) -> {site: array}
     """
 
+    init: object
     evaluate: object
     advance: object
     transform_and_forward: object
@@ -71,12 +73,18 @@ def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:
         var = jnp.sum(jnp.where(ok, (misfit - mean) ** 2, 0.0)) / jnp.maximum(count - 1, 1)
         return state, sched_state, dt, (mean, jnp.sqrt(var))
 
+    def init(keys):
+        states = jax.vmap(process.init, in_axes=(0, None))(keys, problem.dim)
+        sched_states = jax.vmap(lambda _: scheduler.init())(keys)
+        return states, sched_states
+
     def advance(keys, states, sched_states, outputs, failed, y, noise):
         return jax.vmap(advance_chain, in_axes=(0, 0, 0, 0, 0, None, None))(
             keys, states, sched_states, outputs, failed, y, noise
         )
 
     return CompiledSteps(
+        init=jax.jit(init),
         evaluate=jax.jit(evaluate),
         advance=jax.jit(advance),
         transform_and_forward=over_chains("transform_and_forward"),

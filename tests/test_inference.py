@@ -179,6 +179,7 @@ def test_progress_bar_shows_iterations(linear_data, capsys):
         ({"ensemble_size": 1}, "ensemble_size"),
         ({"num_chains": 0}, "num_chains"),
         ({"max_iterations": 0}, "max_iterations"),
+        ({"blas_threads": 0}, "blas_threads"),
     ],
 )
 def test_bad_options_are_named(kwargs, match):
@@ -207,3 +208,37 @@ def test_iterative_uki_with_data_misfit_controller_warns(linear_data):
     )
     with pytest.warns(UserWarning, match="iterative UKI"):
         engine.run(jax.random.PRNGKey(0), X, y=y)
+
+
+def test_blas_threads_are_limited_during_a_run_and_restored_after():
+    """The default blas_threads=1 holds while the forward map runs (seen from inside a
+    black-box simulator) and the previous BLAS thread counts come back afterwards."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from eki_infer.simulators import black_box
+
+    def blas_counts():
+        return sorted(
+            (info["filepath"], info["num_threads"])
+            for info in threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas"
+        )
+
+    seen = []
+
+    @black_box(output_shape=(3,))
+    def simulator(theta):
+        seen.append(max(n for _, n in blas_counts()))
+        return np.array([theta[0], theta[0] ** 2, 1.0 + theta[0]])
+
+    def model(y=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        numpyro.sample("y", dist.Normal(simulator(theta), 0.5).to_event(1), obs=y)
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        before = blas_counts()
+        engine = EKIInference(model, "eki", ensemble_size=20, max_iterations=3, progress_bar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.run(jax.random.PRNGKey(0), y=jnp.array([0.5, 0.3, 1.4]))
+        assert blas_counts() == before
+    assert seen and max(seen) == 1
