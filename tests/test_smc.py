@@ -15,7 +15,8 @@ from scipy.stats import multivariate_normal
 from eki_infer import EKIInference
 from eki_infer.convert import group
 from eki_infer.diagnostics import gaussian_approximation_check
-from eki_infer.smc import SMCError, choose_dt, ess_of_log_weights, run_smc
+from eki_infer.schedulers import DataMisfitController
+from eki_infer.smc import SMCError, choose_dt, dmc_dt, ess_of_log_weights, run_smc
 from eki_infer.tracing import trace_model
 from models import eight_schools, exp_sine, linear_gaussian
 
@@ -52,26 +53,76 @@ def test_choose_dt_hits_the_ess_target():
     assert np.isfinite(float(dt)) and float(dt) > 0
 
 
-def test_linear_gaussian_posterior_and_evidence(linear):
-    args, y, problem = linear
-    result = run_smc(problem, jax.random.PRNGKey(1), 300, 4)
+def _evidence_sd(history, num_particles):
+    """Per-chain sd of log Z: with well-mixed stages, log Z is a sum of independent
+    log-means of incremental weights, each with variance (1/ESS_k − 1)/N to first order
+    (ESS_k: stage k's ESS fraction; N/ESS = mean(w²)/mean(w)²)."""
+    return np.sqrt(np.sum(1.0 / history.ess - 1.0, axis=1) / num_particles)
+
+
+def _check_linear_gaussian(args, y, problem, result, num_particles):
     theta = np.asarray(jax.jit(problem.prior_transform)(result.particles)["theta"])
     mean, cov = linear_gaussian.exact_posterior(*args, y)
     sd = np.sqrt(np.diag(cov))
     pooled = theta.reshape(-1, theta.shape[-1])
-    # 1200 particles, inefficiency < 3: Monte-Carlo sd of the mean < 0.05 posterior sd
+    # 1200 particles, inefficiency < 3: Monte-Carlo sd of the mean < 0.05 posterior sd,
+    # of the sd ratio < sqrt(3 / 2400) = 0.035
     assert np.max(np.abs(pooled.mean(0) - mean) / sd) < 0.1
     assert np.max(np.abs(pooled.std(0) / sd - 1)) < 0.07
     X, m0, S0, sigma = (np.asarray(a, dtype=np.float64) for a in args)
     exact = multivariate_normal(X @ m0, X @ S0 @ X.T + np.diag(sigma**2)).logpdf(np.asarray(y))
-    # each chain's log Z has sd ~0.1 here; the mean of four within 0.15
-    assert abs(np.mean(result.log_evidence) - exact) < 0.15
-    assert np.all(np.abs(result.log_evidence - exact) < 0.4)
+    # each chain within 4 sd of its log Z, the mean of the chains within 3 sd of the mean
+    # (log Z's bias, −Var/2, is a fraction of one sd here)
+    chain_sd = _evidence_sd(result.history, num_particles)
+    assert np.all(np.abs(result.log_evidence - exact) < 4 * chain_sd), (
+        result.log_evidence - exact,
+        chain_sd,
+    )
+    mean_sd = np.sqrt(np.sum(chain_sd**2)) / len(chain_sd)
+    assert abs(np.mean(result.log_evidence) - exact) < 3 * mean_sd
+
+
+def test_linear_gaussian_posterior_and_evidence(linear):
+    args, y, problem = linear
+    result = run_smc(problem, jax.random.PRNGKey(1), 300, 4)
+    _check_linear_gaussian(args, y, problem, result, 300)
     h = result.history
     assert np.all(h.t[:, -1] == 1.0) and np.all(np.diff(h.t, axis=1) >= 0)
     # the Kalman proposal is exact for linear-Gaussian targets: high acceptance
     assert np.all(h.acceptance_kalman > 0.7)
     assert result.forward_evaluations[0] == 300 * (1 + h.moves[0].sum())
+
+
+def test_dmc_step_matches_the_eki_controller():
+    rng = np.random.default_rng(0)
+    residuals = rng.normal(size=(50, 6)) * np.linspace(0.5, 3.0, 50)[:, None]
+    misfit = 0.5 * np.sum(residuals**2, axis=1)
+    ctrl = DataMisfitController()
+    expected, _ = ctrl.next(ctrl.init(), jnp.asarray(residuals), jnp.ones(50, bool))
+    phi_mean, phi_var = misfit.mean(), misfit.var(ddof=1)
+    q = max(6 / (2 * phi_mean), np.sqrt(6 / (2 * phi_var)))
+    assert float(dmc_dt(jnp.asarray(misfit), 0.0, 6)) == pytest.approx(q, rel=1e-10)
+    assert float(expected) == pytest.approx(q, rel=1e-10)
+    # capped at 1 − t; failed particles (inf) are left out of the mean and variance
+    assert float(dmc_dt(jnp.asarray(misfit * 1e-6), 0.25, 6)) == pytest.approx(0.75)
+    with_failed = jnp.asarray(np.concatenate([misfit, [np.inf, np.inf]]))
+    assert float(dmc_dt(with_failed, 0.0, 6)) == pytest.approx(q, rel=1e-10)
+    # all misfits equal: the weights are flat, take the rest of the way (never NaN)
+    assert float(dmc_dt(jnp.full(10, 3.0), 0.4, 6)) == pytest.approx(0.6)
+    assert float(dmc_dt(jnp.asarray(misfit), 1.0, 6)) == 0.0
+
+
+def test_dmc_schedule_linear_gaussian(linear):
+    args, y, problem = linear
+    result = run_smc(problem, jax.random.PRNGKey(2), 300, 4, schedule="dmc")
+    _check_linear_gaussian(args, y, problem, result, 300)
+    h = result.history
+    assert np.all(h.t[:, -1] == 1.0)
+    # every step is the controller's: Δt = min(q, 1 − t), so only the last one is capped
+    # and the steps sum to 1
+    assert np.allclose(np.sum(h.dt, axis=1), 1.0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        run_smc(problem, jax.random.PRNGKey(2), 50, 1, schedule="misfit")
 
 
 def test_eight_schools_against_long_nuts():
@@ -121,8 +172,10 @@ def test_exp_sine_against_quadrature():
     result = run_smc(problem, jax.random.PRNGKey(1), 1000, 2)
     v = jax.jit(problem.prior_transform)(result.particles)
     draws = np.stack([np.asarray(v["amplitude"]), np.asarray(v["vertical_shift"])], -1)
-    # SMC keeps the main mode (amplitude > 0) exactly; of the mirror mode (2 % of the
-    # mass) it keeps 0-1.5 % depending on the seed, so compare with the main mode.
+    # SMC keeps the main mode (amplitude > 0); the mirror mode's weight (0.9 % of the mass
+    # for these data) is fixed by the particles there when the modes separate and ranges
+    # over 0-4 % with the seed (benchmarks/results/smc_schedule_study.md), so compare with
+    # the main mode and only check that the mirror mode stays small.
     main = draws[draws[..., 0] > 0]
     mean, cov = exp_sine.exact_posterior(*args, y, main_mode_only=True)
     sd = np.sqrt(np.diag(cov))
