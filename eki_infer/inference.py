@@ -257,7 +257,7 @@ class EKIInference:
         problem = trace_model(self.model, *model_args, **model_kwargs)
         self.problem = problem
         if self.method == "smc":
-            return self._run_smc(rng_key, problem, checkpoint_path)
+            return self._run_smc(rng_key, problem, checkpoint_path, resume)
         scheduler = self._make_scheduler()
         data, signature, rebuild = split_model_args(problem.model_args, problem.model_kwargs)
         key = None
@@ -466,17 +466,27 @@ class EKIInference:
         )
 
     # ------------------------------------------------------------------ SMC (method="smc")
-    def _run_smc(self, rng_key, problem, checkpoint_path):
+    def _run_smc(self, rng_key, problem, checkpoint_path, resume):
         """Tempered SMC (:mod:`eki_infer.smc`): chains are independent SMC runs, draws
         the final equally weighted particles; the per-stage history becomes
         ``ensemble_history`` (dim ``iteration`` = stage) and ``self.history``; the log
         evidence per chain is ``self.log_evidence`` and the ``log_evidence`` attribute
-        (mean over chains)."""
+        (mean over chains). A checkpoint is written after every stage and resumed as
+        for the other methods."""
         from eki_infer.smc import run_smc
 
-        if checkpoint_path is not None:
-            raise ValueError("method='smc' does not support checkpoints yet.")
         num = self.ensemble_size or 1000
+        checkpoint = None
+        if checkpoint_path is not None:
+            fingerprint = (
+                ("smc", num, self.num_chains, self.max_iterations),
+                repr(sorted(self.smc_options.items())),
+                repr(problem),
+                key_fingerprint(rng_key),
+            )
+            checkpoint = Checkpoint(checkpoint_path, fingerprint)
+            if resume:
+                checkpoint.load()
         result = run_smc(
             problem,
             rng_key,
@@ -484,6 +494,7 @@ class EKIInference:
             self.num_chains,
             max_stages=self.max_iterations,
             progress_bar=self.progress_bar,
+            checkpoint=checkpoint,
             **self.smc_options,
         )
         self.history = result.history

@@ -606,6 +606,7 @@ def run_smc(
     max_stages: int = 200,
     jitter: float = 1e-6,
     progress_bar: bool = False,
+    checkpoint=None,
 ) -> SMCResult:
     """Tempered SMC from the prior (t = 0) to the posterior (t = 1) of ``problem``
     (an :class:`~eki_infer.tracing.InverseProblem`), ``num_chains`` independent runs of
@@ -617,6 +618,12 @@ def run_smc(
 
     Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
     ``num_chains`` is (up to floating-point rounding in the batched computation).
+
+    ``checkpoint``: an :class:`eki_infer.checkpoint.Checkpoint`; the loop state (the
+    populations with their adapted proposals, the history, the counters) is written to
+    it after every stage, and a loaded checkpoint's state is continued from. Stage k and
+    move m draw from ``fold_in(fold_in(chain_key, k), m)``, so a resumed run ends bit for
+    bit where an uninterrupted one would.
     """
     if num_particles < 2:
         raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
@@ -641,19 +648,28 @@ def run_smc(
     chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.arange(num_chains))
     init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
 
-    start_time = time.perf_counter()
-    states = init_chains(init_keys, int(num_particles))
-    initial = np.asarray(states.particles)
-    evaluations = np.full(num_chains, num_particles, dtype=np.int64)
-    _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
+    saved = checkpoint.current if checkpoint is not None else None
+    if saved is not None:
+        states = jax.tree.map(jnp.asarray, saved["states"])
+        initial = saved["initial"]
+        evaluations = np.asarray(saved["evaluations"]).copy()
+        records = {name: list(rows) for name, rows in saved["records"].items()}
+        rounds, first_stage = saved["rounds"], saved["stage"] + 1
+        start_time = time.perf_counter() - saved["wall_time"]
+    else:
+        start_time = time.perf_counter()
+        states = init_chains(init_keys, int(num_particles))
+        initial = np.asarray(states.particles)
+        evaluations = np.full(num_chains, num_particles, dtype=np.int64)
+        _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
+        records = {name: [] for name in SMCHistory._fields}
+        rounds, first_stage = 1, 1
     # Sample correlations of independent columns are ~N(0, 1/N): never ask for less.
     threshold = max(corr_threshold, 3.0 / math.sqrt(num_particles))
     const = -0.5 * (float(noise.logdet()) + problem.data_dim * math.log(2.0 * math.pi))
-    records = {name: [] for name in SMCHistory._fields}
-    rounds = 1
     bar = _progress(progress_bar)
     try:
-        for stage in range(1, max_stages + 1):
+        for stage in range(first_stage, max_stages + 1):
             active = np.asarray(states.t) < 1.0
             if not active.any():
                 break
@@ -692,6 +708,19 @@ def run_smc(
             records["log_evidence"].append(np.asarray(states.log_z) + const)
             records["forward_evaluations"].append(evaluations.copy())
             records["wall_time"].append(np.full(num_chains, time.perf_counter() - start_time))
+            if checkpoint is not None:
+                checkpoint.save_progress(
+                    0,
+                    {
+                        "stage": stage,
+                        "states": states,
+                        "initial": initial,
+                        "evaluations": evaluations,
+                        "records": records,
+                        "rounds": rounds,
+                        "wall_time": time.perf_counter() - start_time,
+                    },
+                )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(t=f"{float(np.min(states.t)):.3g}", moves=moves)
