@@ -62,7 +62,9 @@ each stage
    correlation), with at least ``min_moves`` (1) and at most ``max_moves`` (10) moves.
 
 Every move evaluates the forward map once for all particles of all chains in one jitted,
-vmapped call (so black-box simulators and executors see one batch per move). A particle
+vmapped call (so black-box simulators and executors see one batch per move). The jitted
+steps are cached per model structure, with the model's array arguments as jit arguments,
+so a second run on new data of the same shapes does not recompile. A particle
 whose output is non-finite gets Φ = +∞: weight zero when reweighting, a rejected
 proposal when moving. Fewer than two particles with finite Φ in a chain raises
 :class:`SMCError` naming the stage.
@@ -113,6 +115,7 @@ against closed-form, quadrature or long-NUTS references.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -123,6 +126,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
+
+from eki_infer.model_args import split_model_args
 
 __all__ = [
     "SCHEDULES",
@@ -544,16 +549,53 @@ def _max_abs_correlation(a, b):
 # --------------------------------------------------------------------------- driver
 
 
-def _compile(problem, observations, noise, options):
-    """Jitted chain-vmapped steps for one problem (closures over the model)."""
+# Compiled steps of the last few problem structures: a second run on new data of the same
+# shapes (or with another key or chain count) reuses them instead of recompiling.
+_COMPILED: dict = {}
+_CACHE_SIZE = 4
 
-    def forward_rows(u):
-        return problem.forward(u)
 
-    def init_chains(keys, n):
-        return jax.vmap(lambda k: init(k, n, problem.dim, forward_rows, observations, noise))(keys)
+def _compiled_steps(problem, options):
+    """``(steps, data)``: the jitted steps for ``problem``'s structure and ``options``, and
+    the dynamic array arguments (data, covariates, observations) to call them with.
 
-    def stage_start(keys, states, active):
+    As in :mod:`eki_infer.steps`, array leaves of the model's arguments are jit
+    arguments and everything else is static and part of the cache key, together with
+    the model function itself (held by the key, so it cannot be confused with another
+    model of the same sites). A problem whose ``forward`` was replaced on the instance
+    is compiled for this run only."""
+    data, signature, rebuild = split_model_args(problem.model_args, problem.model_kwargs)
+    if "forward" in vars(problem):  # a forward map set on this instance: use it as is
+        return _compile(problem, None, options), data
+    key = None
+    if signature is not None:
+        key = (problem.model, signature, repr(problem), tuple(sorted(options.items())))
+        if key in _COMPILED:
+            return _COMPILED[key], data
+    steps = _compile(problem, rebuild, options)
+    if key is not None:
+        while len(_COMPILED) >= _CACHE_SIZE:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = steps
+    return steps, data
+
+
+def _compile(problem, rebuild, options):
+    """Jitted chain-vmapped steps for one problem structure; the model's array
+    arguments (``data``), the observations and the noise are arguments, not constants
+    (``rebuild`` None: ``problem.forward`` is used as it is)."""
+
+    def forward_rows(data):
+        if rebuild is None:
+            return problem.forward
+        args, kwargs = rebuild(data)
+        return dataclasses.replace(problem, model_args=args, model_kwargs=kwargs).forward
+
+    def init_chains(keys, n, data, observations, noise):
+        forward = forward_rows(data)
+        return jax.vmap(lambda k: init(k, n, problem.dim, forward, observations, noise))(keys)
+
+    def stage_start(keys, states, active, observations, noise):
         new, dt, ess, finite = jax.vmap(
             lambda k, s: reweight_and_resample(k, s, options["ess_target"], options["schedule"])
         )(keys, states)
@@ -566,15 +608,16 @@ def _compile(problem, observations, noise, options):
         stats = jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), new)
         return new, stats, dt, ess, finite
 
-    def move_chains(keys, states, stats, active):
+    def move_chains(keys, states, stats, active, data, observations, noise):
         kw = {
             "p_kalman": options["p_kalman"],
             "rw_acceptance": options["rw_acceptance"],
             "kalman_acceptance": options["kalman_acceptance"],
         }
-        new, info = jax.vmap(
-            lambda k, s, st: move(k, s, st, forward_rows, observations, noise, **kw)
-        )(keys, states, stats)
+        forward = forward_rows(data)
+        new, info = jax.vmap(lambda k, s, st: move(k, s, st, forward, observations, noise, **kw))(
+            keys, states, stats
+        )
         new = jax.tree.map(
             lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
             new,
@@ -644,7 +687,7 @@ def run_smc(
         "kalman_acceptance": float(kalman_acceptance),
         "jitter": float(jitter),
     }
-    init_chains, stage_start, move_chains = _compile(problem, y, noise, options)
+    (init_chains, stage_start, move_chains), data = _compiled_steps(problem, options)
     chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.arange(num_chains))
     init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
 
@@ -658,7 +701,7 @@ def run_smc(
         start_time = time.perf_counter() - saved["wall_time"]
     else:
         start_time = time.perf_counter()
-        states = init_chains(init_keys, int(num_particles))
+        states = init_chains(init_keys, int(num_particles), data, y, noise)
         initial = np.asarray(states.particles)
         evaluations = np.full(num_chains, num_particles, dtype=np.int64)
         _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
@@ -675,7 +718,9 @@ def run_smc(
                 break
             stage_keys = jax.vmap(lambda k, s=stage: jax.random.fold_in(k, s))(chain_keys)
             keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(stage_keys)
-            states, stats, dt, ess, finite = stage_start(keys, states, jnp.asarray(active))
+            states, stats, dt, ess, finite = stage_start(
+                keys, states, jnp.asarray(active), y, noise
+            )
             finite = np.asarray(finite)
             _check_finite(np.where(active, finite, num_particles), stage, "reweighting")
             acc_rw, acc_kal, failed_total = [], [], np.zeros(num_chains, dtype=np.int64)
@@ -683,7 +728,7 @@ def run_smc(
             corr = np.zeros(num_chains)
             for m in range(1, max_moves + 1):
                 keys = jax.vmap(lambda k, m=m: jax.random.fold_in(k, m))(stage_keys)
-                states, info = move_chains(keys, states, stats, jnp.asarray(active))
+                states, info = move_chains(keys, states, stats, jnp.asarray(active), data, y, noise)
                 a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
                 acc_rw.append(a_rw)
                 acc_kal.append(a_kal)

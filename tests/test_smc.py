@@ -294,3 +294,23 @@ def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed.log_evidence, full.log_evidence)
     for name in ("t", "dt", "ess", "moves", "forward_evaluations"):
         np.testing.assert_array_equal(getattr(resumed.history, name), getattr(full.history, name))
+
+
+def test_second_run_on_new_data_reuses_the_compiled_steps(linear):
+    """Array model arguments (the observations included) are jit arguments: a run on new
+    data reuses the compiled stage and move functions (no retrace) and gives what a
+    fresh compilation gives."""
+    import eki_infer.smc as smc_module
+
+    args, y, problem = linear
+    smc_module._COMPILED.clear()
+    run_smc(problem, jax.random.PRNGKey(5), 100, 2)
+    (steps,) = smc_module._COMPILED.values()
+    new_problem = trace_model(linear_gaussian.model, *args, y=y + 0.3)
+    cached = run_smc(new_problem, jax.random.PRNGKey(6), 100, 2)
+    assert list(smc_module._COMPILED.values()) == [steps]
+    assert all(step._cache_size() == 1 for step in steps)
+    smc_module._COMPILED.clear()
+    fresh = run_smc(new_problem, jax.random.PRNGKey(6), 100, 2)
+    np.testing.assert_array_equal(cached.particles, fresh.particles)
+    np.testing.assert_array_equal(cached.log_evidence, fresh.log_evidence)
