@@ -39,6 +39,7 @@ from eki_infer.blas_threads import limited_blas_threads
 from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
+from eki_infer.keys import chain_keys, fold_keys
 from eki_infer.model_args import split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
@@ -340,8 +341,8 @@ class EKIInference:
         from ``checkpoint`` when it holds this group's progress."""
         num_chains = len(chain_ids)
         y, noise = problem.observations, problem.noise
-        chain_keys = _chain_keys(rng_key, jnp.asarray(chain_ids))
-        states, sched_states = steps.init(_fold_keys(chain_keys, 0))
+        per_chain = chain_keys(rng_key, jnp.asarray(chain_ids))
+        states, sched_states = steps.init(fold_keys(per_chain, 0))
 
         records = {name: [] for name in RunHistory._fields}
         path = []
@@ -381,7 +382,7 @@ class EKIInference:
                 except _processes.EnsembleFailureError as error:
                     self._keep_partial(records, path, num_chains)
                     raise _with_simulator_errors(error, active_executor()) from None
-                step_keys = _fold_keys(chain_keys, iteration + 1)
+                step_keys = fold_keys(per_chain, iteration + 1)
                 states, sched_states, dt, stats = steps.advance(
                     step_keys, states, sched_states, outputs, failed, y, noise
                 )
@@ -429,7 +430,7 @@ class EKIInference:
             if bar is not None:
                 bar.close()
 
-        final_keys = _fold_keys(chain_keys, 2**30)
+        final_keys = fold_keys(per_chain, 2**30)
         if self.method == "uki":
             # UKI's posterior is the Gaussian N(m, C): draw from it and evaluate the draws
             # once (for the posterior predictive and the log-likelihood).
@@ -443,7 +444,7 @@ class EKIInference:
                 lambda k: jax.random.normal(
                     jax.random.fold_in(k, 1), (self.num_samples, problem.dim)
                 )
-            )(chain_keys)
+            )(per_chain)
             initial_values = steps.prior_transform(prior_u, data)
         else:
             samples_u = points
@@ -606,18 +607,6 @@ class EKIInference:
     def posterior_group(self):
         """The posterior as an xarray Dataset, whatever the ArviZ line."""
         return group(self.inference_data, "posterior")
-
-
-@jax.jit
-def _chain_keys(rng_key, chain_ids):
-    """``fold_in(rng_key, c)`` for each chain id c (one compiled call, not a retrace)."""
-    return jax.vmap(lambda c: jax.random.fold_in(rng_key, c))(chain_ids)
-
-
-@jax.jit
-def _fold_keys(keys, n):
-    """``fold_in(k, n)`` for each key k: every chain's key for iteration n."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, n))(keys)
 
 
 def _with_simulator_errors(error, executor):

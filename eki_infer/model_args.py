@@ -9,10 +9,12 @@ compiled program's constants.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
-__all__ = ["split_model_args"]
+__all__ = ["split_model_args", "with_model_args"]
 
 
 def _is_array(leaf) -> bool:
@@ -42,3 +44,11 @@ def split_model_args(args: tuple, kwargs: dict):
         return jax.tree_util.tree_unflatten(treedef, full)
 
     return data, signature, rebuild
+
+
+def with_model_args(problem, rebuild, data):
+    """``problem`` (a traced :class:`~eki_infer.tracing.InverseProblem`) with its model
+    arguments replaced by ``rebuild(data)``: inside a jitted function, the same problem
+    structure evaluated on the traced data."""
+    args, kwargs = rebuild(data)
+    return dataclasses.replace(problem, model_args=args, model_kwargs=kwargs)

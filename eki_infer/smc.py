@@ -115,7 +115,6 @@ against closed-form, quadrature or long-NUTS references.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -127,7 +126,8 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 
-from eki_infer.model_args import split_model_args
+from eki_infer.keys import chain_keys, fold_keys
+from eki_infer.model_args import split_model_args, with_model_args
 
 __all__ = [
     "SCHEDULES",
@@ -588,8 +588,7 @@ def _compile(problem, rebuild, options):
     def forward_rows(data):
         if rebuild is None:
             return problem.forward
-        args, kwargs = rebuild(data)
-        return dataclasses.replace(problem, model_args=args, model_kwargs=kwargs).forward
+        return with_model_args(problem, rebuild, data).forward
 
     def init_chains(keys, n, data, observations, noise):
         forward = forward_rows(data)
@@ -688,8 +687,8 @@ def run_smc(
         "jitter": float(jitter),
     }
     (init_chains, stage_start, move_chains), data = _compiled_steps(problem, options)
-    chain_keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(jnp.arange(num_chains))
-    init_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(chain_keys)
+    per_chain = chain_keys(rng_key, jnp.arange(num_chains))
+    init_keys = fold_keys(per_chain, 0)
 
     saved = checkpoint.current if checkpoint is not None else None
     if saved is not None:
@@ -716,8 +715,8 @@ def run_smc(
             active = np.asarray(states.t) < 1.0
             if not active.any():
                 break
-            stage_keys = jax.vmap(lambda k, s=stage: jax.random.fold_in(k, s))(chain_keys)
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(stage_keys)
+            stage_keys = fold_keys(per_chain, stage)
+            keys = fold_keys(stage_keys, 0)
             states, stats, dt, ess, finite = stage_start(
                 keys, states, jnp.asarray(active), y, noise
             )
@@ -727,7 +726,7 @@ def run_smc(
             moves = 0
             corr = np.zeros(num_chains)
             for m in range(1, max_moves + 1):
-                keys = jax.vmap(lambda k, m=m: jax.random.fold_in(k, m))(stage_keys)
+                keys = fold_keys(stage_keys, m)
                 states, info = move_chains(keys, states, stats, jnp.asarray(active), data, y, noise)
                 a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
                 acc_rw.append(a_rw)

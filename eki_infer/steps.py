@@ -11,11 +11,12 @@ All functions take and return arrays with a leading chain axis.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from eki_infer.model_args import with_model_args
 
 __all__ = ["CompiledSteps", "compile_steps"]
 
@@ -45,8 +46,7 @@ def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:
     its arrays are replaced by the dynamic ``data`` at every call)."""
 
     def bind(data):
-        args, kwargs = rebuild(data)
-        return dataclasses.replace(problem, model_args=args, model_kwargs=kwargs)
+        return with_model_args(problem, rebuild, data)
 
     def over_chains(method):
         def f(u, data):
