@@ -99,9 +99,11 @@ class EKIInference:
             (unscented Kalman inversion as unscented tempering to T = 1) or ``"smc"``
             (tempered sequential Monte Carlo with Kalman-informed MH moves,
             :mod:`eki_infer.smc`: exact as the particle number grows; ``ensemble_size``
-            is the particle count per chain, default 1000; ``max_iterations`` bounds
-            the stages; ``smc_options`` passes tuning keywords to
-            :func:`eki_infer.smc.run_smc`; gives ``log_evidence``).
+            is the particle count per chain, default 1000, a multiple of the waste-free
+            chain length 10; the posterior holds the final waste-free population, at
+            least that many draws per chain; ``max_iterations`` bounds the stages;
+            ``smc_options`` passes tuning keywords to :func:`eki_infer.smc.run_smc`;
+            gives ``log_evidence``).
         ensemble_size: members per chain (EKI/EKS). Default
             :func:`default_ensemble_size` of the latent dimension. UKI uses 2d + 1
             sigma points and ignores it.

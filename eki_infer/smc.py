@@ -19,7 +19,14 @@ each stage
    (:func:`dmc_dt`). Either way the last step is capped so that t ends at exactly 1.
 2. **reweights and accumulates the evidence**: log Z += log Σ_i W_i exp(−Δt Φ_i);
 3. **resamples** systematically;
-4. **moves** every particle with Metropolis–Hastings kernels that leave π_t invariant.
+4. **moves** particles with Metropolis–Hastings kernels that leave π_t invariant.
+   ``waste_free=True`` (default; Dau & Chopin 2022, "On the waste-free sequential Monte
+   Carlo", JRSS B 84): only M = N / P of the N particles are resampled (P =
+   ``chain_length``, 10), each starts a Markov chain, the chains run P − 1 moves, and
+   all M · P states are the next population. A stage then costs N − M evaluations,
+   whatever the mixing, and no move's output is thrown away. ``waste_free=False``
+   (resample-move): all N are resampled and every particle is moved until the
+   decorrelation criterion below holds.
    The population's statistics (mean μ, covariance C + εI with Cholesky factor L, and
    the cross-covariance C^{uG} of parameters and outputs) are computed once after
    resampling and kept fixed during the stage, so each proposal is a fixed kernel.
@@ -55,11 +62,27 @@ each stage
        1 for every ρ and κ = 1 is an independent draw from the posterior. Elsewhere κ is
        adapted towards an acceptance of ``kalman_acceptance`` (0.3).
 
-   Moves repeat until every active chain has decorrelated from its resampled
-   positions: the largest rank correlation, over the coordinates of L^{-1}(u − μ), between
-   the particles' positions at the start of the stage and now is below
+   Resample-move only: moves repeat until every active chain has decorrelated from
+   its resampled positions: the largest rank correlation, over the coordinates of
+   L^{-1}(u − μ), between the particles' positions at the start of the stage and now is
+   below
    max(``corr_threshold`` (0.2), 3/√N) (the second term: the noise floor of a sample
    correlation), with at least ``min_moves`` (1) and at most ``max_moves`` (10) moves.
+
+5. **at t = 1 (waste-free)** the M chains run on, every state kept, until the
+   population's effective sample size reaches ``final_ess`` (0.8 N) or stops growing.
+   :func:`chain_ess` estimates it from the spread of the chain means, for every
+   coordinate of L^{-1}(u − μ) and its square (the smallest counts): M Var(all states) /
+   Var(chain means), i.e. the variance of the population mean expressed as a number of
+   independent draws. The chains start from a resampled population, so they are as
+   good as independent draws from π_1 at their start, apart from duplicated ancestors
+   (which lower the estimate). Chains in separate modes never mix, so there the ESS
+   levels off near M, and chains in a region the proposals barely leave (the neck of a
+   funnel) hold it down too; the extension also stops when the ESS grew by less than
+   25 % while the chains doubled in length (more moves would not change those regions'
+   weights, which the reweighting set), and after ``max_final_moves`` (200). The
+   extension is the history's last row (dt = 0), and the result holds M × (P + extra
+   moves) draws per chain.
 
 Every move evaluates the forward map once for all particles of all chains in one jitted,
 vmapped call (so black-box simulators and executors see one batch per move). The jitted
@@ -76,41 +99,55 @@ the stage's ESS fraction (``history.ess``).
 
 Defaults, and what the measurements behind them say
 ---------------------------------------------------
-Measured with ``benchmarks/smc_schedule_study.py`` and ``benchmarks/smc_accuracy.py``
-(results in ``benchmarks/results/smc_schedule_study.md`` and ``smc_accuracy.md``): six
-reference models, 1000 particles, one chain, data seeds 0-2 (the study: × 3 SMC keys),
-against closed-form, quadrature or long-NUTS references.
+Measured with ``benchmarks/smc_accuracy.py`` (default and ``--resample-move``) and
+``benchmarks/smc_schedule_study.py`` (results in ``benchmarks/results/smc_accuracy.md``,
+``smc_accuracy_resample_move.md`` and ``smc_schedule_study.md``): six reference models,
+1000 particles, one chain, data seeds 0-2 (the study: × 3 SMC keys), against
+closed-form, quadrature or long-NUTS references; cost in forward evaluations against
+NUTS's gradient evaluations at 1000 warmup + 1000 draws.
 
-- ``ess_target`` 0.3 and ``corr_threshold`` 0.2 (were 0.5 and 0.1). With the Kalman
-  proposal a stage's duplicates are spread again in one to three moves, so fewer and
-  larger steps, each stopped once the rank correlation with the resampled positions is
-  below 0.2 (copies of one resampled particle are then correlated by about 0.2² = 0.04),
-  cost 1.3-2.0 × fewer forward evaluations on every model (linear_gaussian 11,444 vs
-  18,889, sir 13,333 vs 23,778, darcy 10,444 vs 18,778, lorenz96 17,222 vs 27,444,
-  eight_schools 15,556 vs 19,889, exp_sine 23,667 vs 47,778 on average) for about the
-  same rms error of the means and sds (0.02-0.04 posterior sd apart from exp_sine; the
-  worst of 9 runs × all parameters went from 0.084 to 0.111, eight_schools' sd of
-  theta[2]). What got worse is the log evidence: its rms error on linear_gaussian went
-  from 0.063 to 0.129 (fewer stages, each with a lower ESS). For a precise evidence pass
-  ``ess_target=0.5, corr_threshold=0.1``.
-- ``schedule="ess"`` stays the default. On the five models other than exp_sine the
-  data-misfit controller takes 3-4 stages where the ESS rule takes 2-5, 0.82-1.15 × the
-  evaluations and gives about the same errors, but it does not see the weights: its
-  first linear_gaussian stages left ESS fractions of 5-7 % (rms log-evidence error
-  0.157 vs 0.129). On exp_sine, whose prior-predictive misfits span many orders of
-  magnitude, it started with Δt ≈ 5e-13 and needed 14.6 stages and 2.5 × the
-  evaluations. Summed over the six models: 128,222 vs 91,667 evaluations.
-- ``num_particles`` 1000, ``max_moves`` 10 (unchanged): at 1000 particles the
-  Monte-Carlo error alone is close to the 0.1-sd target (rms errors 0.02-0.04 sd, i.e.
-  an inefficiency of about 1-2 against independent draws, so the worst parameter of the
-  worst seed reaches about 0.1). For a guaranteed 0.1 sd use more particles or several
-  chains; the cost grows in proportion.
+- ``waste_free=True``, ``chain_length`` 10, ``final_ess`` 0.8 N
+  (``benchmarks/smc_waste_free_study.py``, ``smc_waste_free_study.md``). Against
+  resample-move with the same keys and schedule, waste-free SMC needed 0.43-0.79 × the
+  evaluations on the five models other than exp_sine (37,467 vs 66,667 summed over
+  them; exp_sine 5,800 vs 23,000), at most 0.85 × NUTS's gradients on any seed where
+  resample-move went up to 1.59 ×, and met 0.1 sd / 10 % on every seed of all five
+  (resample-move: four; an eight_schools sd was 11 % off). A stage of either variant is
+  limited by its ESS step, not by its moves; waste-free SMC pays N − M evaluations per
+  stage instead of N per move. The sequential rounds grew to 38-149 (from 10-33), still
+  about 100 × fewer than NUTS's 11,000-51,000. ``chain_length`` 5 (200 chains of 5)
+  stopped the final extension too early on eight_schools (short, slowly mixing chains
+  gain ESS slowly, which looks like a stall; mean error 0.147 sd); 20 (50 chains of 20)
+  left lorenz96 0.208 sd off. ``final_ess`` 0.5 N saved 23 % of the evaluations but
+  left darcy at 0.101 sd; N cost 10 % more for the same errors (eight_schools up to
+  0.96 × NUTS).
+- ``ess_target`` 0.3. For resample-move it was lowered from 0.5 (with ``corr_threshold``
+  0.2 from 0.1): 1.3-2.0 × fewer evaluations for about the same rms errors, at twice
+  the log-evidence error (rms 0.129 vs 0.063 on linear_gaussian; for a precise evidence
+  pass ``ess_target=0.5``). For waste-free SMC, 0.1 saved 29 % of the evaluations
+  (summed over the five models) but left lorenz96 off by 22 % in an sd, and the
+  linear_gaussian log-evidence errors grew to −0.040, −0.447, −0.264 (from +0.027,
+  −0.274, −0.023).
+- ``schedule="ess"``. On the five models other than exp_sine the data-misfit controller
+  takes 3-4 stages where the ESS rule takes 2-5, 0.82-1.15 × the evaluations and gives
+  about the same errors, but it does not see the weights: its first linear_gaussian
+  stages left ESS fractions of 5-7 % (rms log-evidence error 0.157 vs 0.129). On
+  exp_sine, whose prior-predictive misfits span many orders of magnitude, it started
+  with Δt ≈ 5e-13 and needed 14.6 stages and 2.5 × the evaluations (resample-move,
+  summed over the six models: 128,222 vs 91,667 evaluations).
+- ``num_particles`` 1000: at 1000 particles (and a final ESS of 800) the Monte-Carlo
+  error alone brings the worst parameter of the worst seed close to 0.1 sd. For a
+  guaranteed 0.1 sd use more particles or several chains; the cost grows in proportion.
 - Known limitation, exp_sine: the posterior has a mirror mode (amplitude < 0) of 0.7-2.3 %
   of the mass. No move crosses between the modes once they separate, so its weight is
-  whatever the particles carry at that point: 0-4.1 % over the 9 runs (the old defaults:
-  0.1-7.5 %). The main mode is accurate (errors ≤ 0.074 sd), the whole posterior's
-  amplitude sd is not (errors up to 0.49). NUTS (one chain, 1000 draws) had no mirror
-  draws on any of the three seeds.
+  whatever the particles carry at that point, and with M = 100 chains a mode of about
+  1 % holds one chain or none. Likely worse, the few particles on that side are not
+  carried along as the mode contracts (the Kalman proposal points them at the main
+  mode, the random walk is scaled to the whole population), so they fall behind and
+  are weighted out. Waste-free SMC lost it on all three seeds (resample-move: 0-3.7 %),
+  so the whole posterior's amplitude sd is off by up to 0.37 (0.46), while
+  the main mode is accurate (means within 0.072 sd, sds within 8.4 %). NUTS (one
+  chain, 1000 draws) had no mirror draws on any of the three seeds either.
 """
 
 from __future__ import annotations
@@ -213,12 +250,17 @@ class SMCHistory(NamedTuple):
     resampling; ``moves`` the number of MH moves; ``acceptance_rw`` and
     ``acceptance_kalman`` the mean acceptance of each proposal over the stage's moves;
     ``rw_scale``, ``kalman_step`` and ``p_kalman`` the adapted proposal parameters at
-    the stage's end; ``correlation`` the decorrelation criterion after the last move;
-    ``misfit_mean`` the mean Φ of the final population (finite values); ``num_failed``
-    the number of non-finite forward outputs among the stage's proposals;
+    the stage's end; ``correlation`` the decorrelation criterion after the last move
+    (waste-free: of the chains' last states with their starting points); ``sample_ess``
+    the population's effective sample size after the stage (:func:`chain_ess`;
+    waste-free only, NaN otherwise); ``misfit_mean`` the mean Φ of the final population
+    (finite values); ``num_failed`` the number of non-finite forward outputs among the
+    stage's proposals;
     ``log_evidence`` the running log p(y) estimate; ``forward_evaluations`` (cumulative,
     per chain) and ``wall_time`` (cumulative seconds, shared). Chains that reached t = 1
-    before the others repeat their last row with dt = 0 and moves = 0.
+    before the others repeat their last row with dt = 0 and moves = 0. Waste-free runs
+    end with one more row, dt = 0: the extension of the chains at t = 1 (``moves`` its
+    extra moves, ``sample_ess`` the final population's ESS).
     """
 
     t: np.ndarray
@@ -231,6 +273,7 @@ class SMCHistory(NamedTuple):
     kalman_step: np.ndarray
     p_kalman: np.ndarray
     correlation: np.ndarray
+    sample_ess: np.ndarray
     misfit_mean: np.ndarray
     num_failed: np.ndarray
     log_evidence: np.ndarray
@@ -242,8 +285,10 @@ class SMCResult(NamedTuple):
     """What :func:`run_smc` returns; arrays have a leading chain axis.
 
     Attributes:
-        particles: final equally weighted particles ``(chains, N, d)``.
-        outputs: their forward outputs ``(chains, N, M)``.
+        particles: final equally weighted particles ``(chains, draws, d)``: N for
+            resample-move; for waste-free SMC every state of the M chains at t = 1,
+            M × (P + extra moves) ≥ N.
+        outputs: their forward outputs ``(chains, draws, M)``.
         initial_particles: the prior draws the run started from ``(chains, N, d)``.
         log_evidence: log p(y) estimates ``(chains,)``.
         history: :class:`SMCHistory`.
@@ -624,11 +669,82 @@ def _compile(problem, rebuild, options):
         )
         return new, info
 
+    def select_heads(keys, states, stats, chain_length):
+        # Rows r, r + P, r + 2P, ... of a systematic resample of N are a systematic
+        # resample of N / P (r uniform on {0, ..., P − 1}): the chains' starting points.
+        n = states.misfit.shape[-1]
+        offsets = jax.vmap(lambda k: jax.random.randint(k, (), 0, chain_length))(keys)
+        rows = offsets[:, None] + chain_length * jnp.arange(n // chain_length)[None, :]
+        heads = jax.vmap(lambda s, r: _take_rows(s, r))(states, rows)
+        start = jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
+        return heads, stats._replace(start=start)
+
+    def population_stats(states, observations, noise):
+        return jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), states)
+
     return (
         jax.jit(init_chains, static_argnums=1),
         jax.jit(stage_start),
         jax.jit(move_chains),
+        jax.jit(select_heads, static_argnums=3),
+        jax.jit(population_stats),
     )
+
+
+def _take_rows(state: SMCState, rows) -> SMCState:
+    """The particles ``rows`` of one chain's population (scalars kept)."""
+    return state._replace(
+        particles=state.particles[rows],
+        outputs=state.outputs[rows],
+        misfit=state.misfit[rows],
+        log_weights=jnp.full(rows.shape, -math.log(rows.shape[0]), state.log_weights.dtype),
+    )
+
+
+def _stack_blocks(blocks: list, like: SMCState) -> SMCState:
+    """The population made of every chain state of a waste-free stage: ``blocks`` are
+    the chains' states after 0, 1, ..., P − 1 moves (each ``(chains, M, ...)``); block
+    b's row i is chain i's b-th state, so the population's row b·M + i."""
+    last = blocks[-1]
+    particles = jnp.concatenate([b.particles for b in blocks], axis=1)
+    n = particles.shape[1]
+    return last._replace(
+        particles=particles,
+        outputs=jnp.concatenate([b.outputs for b in blocks], axis=1),
+        misfit=jnp.concatenate([b.misfit for b in blocks], axis=1),
+        log_weights=jnp.full(particles.shape[:2], -math.log(n), like.log_weights.dtype),
+    )
+
+
+def _keep_inactive(new: SMCState, old: SMCState, active) -> SMCState:
+    """Chains that are not ``active`` keep their old population."""
+    active = jnp.asarray(active)
+    return jax.tree.map(
+        lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+    )
+
+
+def chain_ess(particles, num_chains_per_population: int, stats: MoveStats) -> np.ndarray:
+    """Effective sample size of a waste-free population, per SMC chain (run).
+
+    ``particles`` ``(runs, P·M, d)`` hold M Markov chains of length P (row b·M + i is
+    chain i's b-th state). For every coordinate of z = L^{-1}(u − μ) and of z² (so both
+    means and variances count), the ESS is M · Var(all states) / Var(chain means): the
+    variance of the population mean is Var(chain means) / M when the M chains are
+    independent, and this is that variance expressed as a number of independent draws.
+    No asymptotics in the chain length are involved. Chains that share an ancestor
+    (resampling duplicates) are correlated, which inflates Var(chain means): the
+    estimate errs low. Returns the smallest over the 2d features.
+    """
+    u = np.asarray(particles)
+    runs, n, d = u.shape
+    m = num_chains_per_population
+    z = np.einsum("cnd,ced->cne", u - np.asarray(stats.mean)[:, None], np.asarray(stats.chol_inv))
+    feats = np.concatenate([z, z**2], axis=-1).reshape(runs, n // m, m, 2 * d)
+    total = feats.reshape(runs, n, 2 * d).var(axis=1)
+    between = feats.mean(axis=1).var(axis=1, ddof=1)
+    ess = m * total / np.maximum(between, 1e-300)
+    return np.minimum(ess.min(axis=-1), n)
 
 
 def run_smc(
@@ -639,6 +755,10 @@ def run_smc(
     *,
     schedule: str = "ess",
     ess_target: float = 0.3,
+    waste_free: bool = True,
+    chain_length: int = 10,
+    final_ess: float | None = None,
+    max_final_moves: int = 200,
     p_kalman: float | None = None,
     min_moves: int = 1,
     max_moves: int = 10,
@@ -655,8 +775,17 @@ def run_smc(
     ``num_particles`` particles, side by side. See the module docstring for the
     algorithm; the keyword arguments are its tuning constants. ``schedule`` picks the
     tempering steps: ``"ess"`` (default; ``ess_target`` sets the ESS fraction each step
-    keeps) or ``"dmc"`` (the data-misfit controller; ``ess_target`` is then unused). The
-    module docstring's last section gives the measurements behind the defaults.
+    keeps) or ``"dmc"`` (the data-misfit controller; ``ess_target`` is then unused).
+
+    ``waste_free`` (default): every stage resamples N / ``chain_length`` particles and
+    runs a Markov chain of ``chain_length`` states from each, and all states are the
+    next population (``num_particles`` must be a multiple of ``chain_length``). At
+    t = 1 the chains are then extended until the population's effective sample size
+    (:func:`chain_ess`) reaches ``final_ess`` (default: 0.8 ``num_particles``), by at most
+    ``max_final_moves`` moves; the result has M × (``chain_length`` + extra moves)
+    draws per chain. ``waste_free=False``: resample all N and move each until the
+    decorrelation criterion (``corr_threshold``, ``min_moves``, ``max_moves``) holds.
+    The module docstring's last section gives the measurements behind the defaults.
 
     Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
     ``num_chains`` is (up to floating-point rounding in the batched computation).
@@ -677,6 +806,16 @@ def run_smc(
         raise ValueError(f"p_kalman must be in [0, 1], got {p_kalman}.")
     if not 1 <= min_moves <= max_moves:
         raise ValueError(f"need 1 <= min_moves <= max_moves, got {min_moves}, {max_moves}.")
+    if waste_free:
+        if chain_length < 2 or num_particles % chain_length or num_particles < 2 * chain_length:
+            raise ValueError(
+                f"waste-free SMC runs num_particles / chain_length Markov chains of "
+                f"chain_length states: num_particles ({num_particles}) must be a multiple "
+                f"of chain_length ({chain_length}) with at least 2 chains, and "
+                "chain_length >= 2 (or pass waste_free=False)."
+            )
+        if final_ess is not None and final_ess <= 0:
+            raise ValueError(f"final_ess must be positive, got {final_ess}.")
     y, noise = problem.observations, problem.noise
     options = {
         "ess_target": float(ess_target),
@@ -686,9 +825,11 @@ def run_smc(
         "kalman_acceptance": float(kalman_acceptance),
         "jitter": float(jitter),
     }
-    (init_chains, stage_start, move_chains), data = _compiled_steps(problem, options)
+    steps, data = _compiled_steps(problem, options)
+    init_chains, stage_start, move_chains, select_heads, _ = steps
     per_chain = chain_keys(rng_key, jnp.arange(num_chains))
     init_keys = fold_keys(per_chain, 0)
+    num_heads = num_particles // chain_length if waste_free else num_particles
 
     saved = checkpoint.current if checkpoint is not None else None
     if saved is not None:
@@ -697,6 +838,7 @@ def run_smc(
         evaluations = np.asarray(saved["evaluations"]).copy()
         records = {name: list(rows) for name, rows in saved["records"].items()}
         rounds, first_stage = saved["rounds"], saved["stage"] + 1
+        finished = saved.get("finished", False)
         start_time = time.perf_counter() - saved["wall_time"]
     else:
         start_time = time.perf_counter()
@@ -705,19 +847,56 @@ def run_smc(
         evaluations = np.full(num_chains, num_particles, dtype=np.int64)
         _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
         records = {name: [] for name in SMCHistory._fields}
-        rounds, first_stage = 1, 1
+        rounds, first_stage, finished = 1, 1, False
     # Sample correlations of independent columns are ~N(0, 1/N): never ask for less.
-    threshold = max(corr_threshold, 3.0 / math.sqrt(num_particles))
+    threshold = max(corr_threshold, 3.0 / math.sqrt(num_heads))
     const = -0.5 * (float(noise.logdet()) + problem.data_dim * math.log(2.0 * math.pi))
     bar = _progress(progress_bar)
+
+    def save(stage, done=False):
+        if checkpoint is not None:
+            checkpoint.save_progress(
+                0,
+                {
+                    "stage": stage,
+                    "states": states,
+                    "initial": initial,
+                    "evaluations": evaluations,
+                    "records": records,
+                    "rounds": rounds,
+                    "finished": done,
+                    "wall_time": time.perf_counter() - start_time,
+                },
+            )
+
+    def record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed, sample_ess):
+        phi = np.asarray(states.misfit)
+        records["t"].append(np.asarray(states.t))
+        records["dt"].append(np.where(active, np.asarray(dt), 0.0))
+        records["ess"].append(np.where(active, np.asarray(ess), 1.0))
+        records["moves"].append(np.where(active, moves, 0))
+        records["acceptance_rw"].append(np.mean(acc_rw, axis=0))
+        records["acceptance_kalman"].append(np.mean(acc_kal, axis=0))
+        records["rw_scale"].append(np.asarray(states.rw_scale))
+        records["kalman_step"].append(np.asarray(states.kalman_step))
+        records["p_kalman"].append(np.asarray(states.p_kalman))
+        records["correlation"].append(corr)
+        records["sample_ess"].append(sample_ess)
+        records["misfit_mean"].append(np.nanmean(np.where(np.isfinite(phi), phi, np.nan), 1))
+        records["num_failed"].append(failed)
+        records["log_evidence"].append(np.asarray(states.log_z) + const)
+        records["forward_evaluations"].append(evaluations.copy())
+        records["wall_time"].append(np.full(num_chains, time.perf_counter() - start_time))
+
+    done_stage = first_stage - 1  # the last stage recorded
     try:
         for stage in range(first_stage, max_stages + 1):
             active = np.asarray(states.t) < 1.0
-            if not active.any():
+            if finished or not active.any():
                 break
             stage_keys = fold_keys(per_chain, stage)
             keys = fold_keys(stage_keys, 0)
-            states, stats, dt, ess, finite = stage_start(
+            resampled, stats, dt, ess, finite = stage_start(
                 keys, states, jnp.asarray(active), y, noise
             )
             finite = np.asarray(finite)
@@ -725,49 +904,62 @@ def run_smc(
             acc_rw, acc_kal, failed_total = [], [], np.zeros(num_chains, dtype=np.int64)
             moves = 0
             corr = np.zeros(num_chains)
-            for m in range(1, max_moves + 1):
+            if waste_free:
+                heads, stats = select_heads(
+                    fold_keys(stage_keys, _HEADS), resampled, stats, chain_length
+                )
+                blocks = [heads]
+                last_move = chain_length - 1
+            else:
+                heads, last_move = resampled, max_moves
+            for m in range(1, last_move + 1):
                 keys = fold_keys(stage_keys, m)
-                states, info = move_chains(keys, states, stats, jnp.asarray(active), data, y, noise)
+                heads, info = move_chains(keys, heads, stats, jnp.asarray(active), data, y, noise)
                 a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
                 acc_rw.append(a_rw)
                 acc_kal.append(a_kal)
                 failed_total += np.where(active, n_failed, 0)
-                evaluations += np.where(active, num_particles, 0)
+                evaluations += np.where(active, num_heads, 0)
                 moves, rounds = m, rounds + 1
-                if m >= min_moves and np.all(corr[active] < threshold):
+                if waste_free:
+                    blocks.append(heads)
+                elif m >= min_moves and np.all(corr[active] < threshold):
                     break
-            phi = np.asarray(states.misfit)
-            records["t"].append(np.asarray(states.t))
-            records["dt"].append(np.where(active, np.asarray(dt), 0.0))
-            records["ess"].append(np.where(active, np.asarray(ess), 1.0))
-            records["moves"].append(np.where(active, moves, 0))
-            records["acceptance_rw"].append(np.mean(acc_rw, axis=0))
-            records["acceptance_kalman"].append(np.mean(acc_kal, axis=0))
-            records["rw_scale"].append(np.asarray(states.rw_scale))
-            records["kalman_step"].append(np.asarray(states.kalman_step))
-            records["p_kalman"].append(np.asarray(states.p_kalman))
-            records["correlation"].append(corr)
-            records["misfit_mean"].append(np.nanmean(np.where(np.isfinite(phi), phi, np.nan), 1))
-            records["num_failed"].append(failed_total)
-            records["log_evidence"].append(np.asarray(states.log_z) + const)
-            records["forward_evaluations"].append(evaluations.copy())
-            records["wall_time"].append(np.full(num_chains, time.perf_counter() - start_time))
-            if checkpoint is not None:
-                checkpoint.save_progress(
-                    0,
-                    {
-                        "stage": stage,
-                        "states": states,
-                        "initial": initial,
-                        "evaluations": evaluations,
-                        "records": records,
-                        "rounds": rounds,
-                        "wall_time": time.perf_counter() - start_time,
-                    },
-                )
+            if waste_free:
+                states = _keep_inactive(_stack_blocks(blocks, states), states, active)
+                sample_ess = np.where(active, chain_ess(states.particles, num_heads, stats), np.nan)
+            else:
+                states, sample_ess = heads, np.full(num_chains, np.nan)
+            record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed_total, sample_ess)
+            save(stage)
+            done_stage = stage
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(t=f"{float(np.min(states.t)):.3g}", moves=moves)
+        if waste_free and not finished and np.all(np.asarray(states.t) >= 1.0):
+            target = float(0.8 * num_particles if final_ess is None else final_ess)
+            states, extension = _extend_final_chains(
+                steps, states, per_chain, num_heads, target, max_final_moves, (data, y, noise)
+            )
+            extra = extension["moves"]
+            evaluations += extra * num_heads
+            rounds += extra
+            ones = np.ones(num_chains, dtype=bool)
+            record(
+                ones,
+                0.0,
+                1.0,
+                extra,
+                extension["acc_rw"],
+                extension["acc_kal"],
+                extension["corr"],
+                extension["failed"],
+                extension["ess"],
+            )
+            save(done_stage + 1, done=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(t="1", moves=extra)
     finally:
         if bar is not None:
             bar.close()
@@ -790,6 +982,82 @@ def run_smc(
         forward_evaluations=evaluations,
         sequential_rounds=rounds,
         state=states,
+    )
+
+
+# fold_in indices of a stage key that are not move numbers (moves count from 1)
+_HEADS = 2**20
+_FINAL_STAGE = 2**30
+
+
+def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves, args):
+    """The waste-free population at t = 1 with its M chains run on until
+    :func:`chain_ess` ≥ ``target`` in every run (or ``max_moves`` more moves), all states
+    kept. The kernel's statistics are those of the whole t = 1 population. Returns
+    ``(states, extension)``, extension a dict of the move count and the per-run mean
+    acceptances, failures, decorrelation and final ESS (for the history row)."""
+    _, _, move_chains, _, population_stats = steps
+    data, y, noise = args
+    num_chains, n = states.misfit.shape
+    stats = population_stats(states, y, noise)
+    blocks = [_take_block(states, b * num_heads, num_heads) for b in range(n // num_heads)]
+    heads = blocks[-1]
+    stats = stats._replace(
+        start=jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
+    )
+    keys0 = fold_keys(per_chain, _FINAL_STAGE)
+    everyone = jnp.ones(num_chains, dtype=bool)
+    acc_rw, acc_kal = [], []
+    failed = np.zeros(num_chains, dtype=np.int64)
+    corr = np.full(num_chains, np.nan)
+    ess = chain_ess(states.particles, num_heads, stats)
+    trace = [ess]  # trace[k]: the ESS after k extra moves
+    moves = 0
+    while moves < max_moves and not np.all((ess >= target) | _stalled(trace, len(blocks))):
+        moves += 1
+        heads, info = move_chains(fold_keys(keys0, moves), heads, stats, everyone, data, y, noise)
+        a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
+        acc_rw.append(a_rw)
+        acc_kal.append(a_kal)
+        failed += n_failed
+        blocks.append(heads)
+        states = _stack_blocks(blocks, states)
+        ess = chain_ess(states.particles, num_heads, stats)
+        trace.append(ess)
+    nan = [np.full(num_chains, np.nan)]
+    return states, {
+        "moves": moves,
+        "acc_rw": acc_rw or nan,
+        "acc_kal": acc_kal or nan,
+        "failed": failed,
+        "corr": corr,
+        "ess": ess,
+    }
+
+
+def _stalled(trace: list, length: int) -> np.ndarray:
+    """Runs whose ESS grew by less than 25 % while the chains doubled in length (to
+    ``length`` states from half of it); False until the chains have doubled. An ESS that
+    stops growing means chains that stay where they are: in separate modes (the ESS of
+    M chains that never cross between modes levels off at about M) or in a region the
+    proposals barely leave (the neck of a funnel). The weights of those regions were
+    set by the reweighting and resampling, and further moves would not change them."""
+    first = length - (len(trace) - 1)  # chain length before the extension
+    half = length // 2 - first
+    if half < 0:
+        return np.zeros_like(trace[-1], dtype=bool)
+    return trace[-1] < 1.25 * trace[half]
+
+
+def _take_block(states: SMCState, start: int, size: int) -> SMCState:
+    """Rows ``start:start + size`` of every chain's population."""
+    return states._replace(
+        particles=states.particles[:, start : start + size],
+        outputs=states.outputs[:, start : start + size],
+        misfit=states.misfit[:, start : start + size],
+        log_weights=jnp.full(
+            (states.misfit.shape[0], size), -math.log(size), states.log_weights.dtype
+        ),
     )
 
 
