@@ -350,6 +350,8 @@ def evaluate_smc(name, seed, particles, ref, extra, key=None, **smc_kwargs):
         "p_kalman": np.round(h.p_kalman[0], 3).tolist(),
         "correlation": np.round(h.correlation[0], 3).tolist(),
         "log_evidence": float(result.log_evidence[0]),
+        "draws": int(result.particles.shape[1]),
+        "final_sample_ess": float(h.sample_ess[0, -1]),
     }
     if "exact_log_evidence" in extra:
         out["log_evidence_error"] = out["log_evidence"] - extra["exact_log_evidence"]
@@ -478,8 +480,9 @@ def markdown(results, meta):
         "Per seed:",
         "",
         "| model | seed | SMC mean err | SMC sd err | NUTS mean err | NUTS sd err "
-        "| SMC evals | NUTS grads | SMC stages | SMC rounds | SMC min ESS | SMC s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SMC evals | NUTS grads | SMC stages | SMC rounds | SMC min ESS | SMC draws "
+        "| SMC final ESS | SMC s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         for seed, x in r["per_seed"].items():
@@ -488,6 +491,7 @@ def markdown(results, meta):
                 f"| {x['NUTS']['mean']:.3f} | {x['NUTS']['sd']:.3f} "
                 f"| {x['SMC']['forward_evaluations']:,} | {x['nuts_gradient_evaluations']:,} "
                 f"| {x['SMC']['stages']} | {x['SMC']['rounds']} | {x['SMC']['min_ess']:.2f} "
+                f"| {x['SMC']['draws']} | {x['SMC']['final_sample_ess']:.0f} "
                 f"| {x['SMC']['seconds']:.0f} |"
             )
     lg = results.get("linear_gaussian")
@@ -557,14 +561,18 @@ def readme_section(results, meta):
         "along the same path EKI takes. At each stage Δt is picked by bisection so that the",
         f"ESS of the incremental weights is {ess_target} times its Δt → 0⁺ value",
         '(`schedule="dmc"` uses the data-misfit controller instead; see',
-        "`benchmarks/results/smc_schedule_study.md`); the particles are reweighted,",
-        "resampled systematically and moved with Metropolis–Hastings until their ranks",
-        "decorrelate from the resampled positions.",
-        "It needs no derivatives, runs the forward map once per move for the whole",
-        "population, gives the log evidence, and is exact as the particle count grows. The",
-        "moves mix a random walk with the population covariance and a Kalman proposal (a",
-        "Crank–Nicolson step around the ensemble-Kalman estimate of the posterior mean,",
-        "accepted with its exact MH ratio).",
+        "`benchmarks/results/smc_schedule_study.md`). The particles are reweighted; N / 10",
+        "of them are resampled systematically and each starts a Metropolis–Hastings chain",
+        "of 10 states, all of which form the next population (waste-free SMC, Dau & Chopin",
+        "2022). At t = 1 the chains run on until the population's effective sample size,",
+        "estimated from the spread of the chain means, reaches 0.8 N.",
+        "It needs no derivatives, runs the forward map once per move for all chains, gives",
+        "the log evidence, and is exact as the particle count grows. The moves mix a random",
+        "walk with the population covariance and a Kalman proposal (a Crank–Nicolson step",
+        "around the ensemble-Kalman estimate of the posterior mean, accepted with its exact",
+        'MH ratio). `smc_options={"waste_free": False}` gives the resample-move variant',
+        "(all N resampled and moved until decorrelated;",
+        "`benchmarks/results/smc_accuracy_resample_move.md`).",
         "",
         f"From `benchmarks/results/smc_accuracy.md` ({meta['particles']} particles, one chain,",
         f"seeds {meta['seeds']}; errors: worst parameter, in posterior sds; evaluations and "
@@ -605,7 +613,18 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=str(RESULTS / "smc_accuracy"))
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument(
+        "--resample-move",
+        action="store_true",
+        help="the resample-move variant (waste_free=False); writes smc_accuracy_resample_move",
+    )
     opts = parser.parse_args(argv)
+    smc_kwargs = {}
+    if opts.resample_move:
+        smc_kwargs = {"waste_free": False}
+        if opts.out == str(RESULTS / "smc_accuracy"):
+            opts.out = str(RESULTS / "smc_accuracy_resample_move")
+        opts.no_readme = True
     if opts.references_only:
         for name in opts.models:
             for seed in opts.seeds:
@@ -616,16 +635,21 @@ def main(argv=None):
     results = {}
     for name in opts.models:
         print(name, flush=True)
-        per_seed = run_model(name, opts.seeds, opts.particles, print, opts.refresh)
+        per_seed = run_model(name, opts.seeds, opts.particles, print, opts.refresh, smc_kwargs)
         results[name] = {"summary": summarise(per_seed), "per_seed": per_seed}
     import inspect
 
     sig = inspect.signature(run_smc).parameters
-    defaults = ", ".join(
-        f"{k} {sig[k].default}"
-        for k in ("schedule", "ess_target", "min_moves", "max_moves", "corr_threshold")
-        if k in sig
-    )
+    shown = {**{k: sig[k].default for k in sig if sig[k].default is not inspect._empty}}
+    shown.update(smc_kwargs)
+    names = ["schedule", "ess_target", "waste_free"]
+    if shown.get("waste_free", False):
+        names += ["chain_length", "final_ess", "max_final_moves"]
+    else:
+        names += ["min_moves", "max_moves", "corr_threshold"]
+    defaults = ", ".join(f"{k} {shown[k]}" for k in names if k in shown)
+    if shown.get("waste_free", False) and shown.get("final_ess") is None:
+        defaults = defaults.replace("final_ess None", "final_ess 0.8 N")
     meta = {
         "seeds": opts.seeds,
         "particles": opts.particles,
