@@ -1,4 +1,4 @@
-"""Posterior accuracy and cost: every reference model × {EKI, EKS, UKI} against NUTS.
+"""Posterior accuracy and cost: every reference model × {EKI, EKS, UKI, SMC} against NUTS.
 
 For each model in ``models/`` and each seed (data simulated with ``PRNGKey(seed)``;
 eight schools uses the classic data, so its seeds vary the algorithms only):
@@ -8,9 +8,12 @@ eight schools uses the classic data, so its seeds vary the algorithms only):
   warmup included). For eight schools the reference is NUTS on the non-centred model
   (same posterior over mu, tau, theta; NUTS on the centred one has divergences).
 - EKI (data-misfit controller to T = 1), EKS (ALDI, stable scheduler, 200 iterations),
-  UKI (tempering to T = 1, posterior draws from its Gaussian), one chain each; cost =
-  forward evaluations that drive the updates (UKI's posterior draws and the final
-  ensemble's evaluation feed only the posterior predictive and are not counted).
+  UKI (tempering to T = 1, posterior draws from its Gaussian) and SMC (the calibrated
+  mode, ``method="smc"``, 1000 particles, defaults), one chain each; cost = forward
+  evaluations that drive the updates (UKI's posterior draws and the final ensemble's
+  evaluation feed only the posterior predictive and are not counted). SMC's own
+  benchmark, ``smc_accuracy.py``, scores it against quadrature and long-NUTS references
+  instead of this one-chain NUTS run.
 - NumPyro's derivative-free ensemble samplers AIES and ESS at matched cost: their
   log-density evaluations, counted as NumPyro executes them, capped at EKI's forward
   evaluations for the same seed (walkers initialised from the prior, like EKI; the
@@ -67,7 +70,7 @@ from eki_infer.nuts import run_nuts  # noqa: E402
 from models import REFERENCE_MODELS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("EKI", "EKS", "UKI", "AIES", "ESS")
+METHODS = ("EKI", "EKS", "UKI", "SMC", "AIES", "ESS")
 
 # Ensemble sizes: J = 1000 on the linear-Gaussian model (the issue's target), 200 members
 # elsewhere (Monte-Carlo error of a mean ~ 1/sqrt(J) = 0.07 sd, of an sd ~ 5 %, and
@@ -77,6 +80,7 @@ FULL = {
     "eks_J": 100,
     "eks_iterations": 200,
     "uki_draws": 4000,
+    "smc_N": 1000,
     "nuts_warmup": 1000,
     "nuts_samples": 1000,
     "nuts_reference_samples": 3000,
@@ -88,6 +92,7 @@ SMALL = {
     "eks_J": 30,
     "eks_iterations": 20,
     "uki_draws": 500,
+    "smc_N": 200,
     "nuts_warmup": 150,
     "nuts_samples": 150,
     "nuts_reference_samples": 300,
@@ -191,6 +196,8 @@ def run_engine(method, model, rng_key, args, y, size, config, **extra):
     elif method == "eks":
         kwargs["ensemble_size"] = config["eks_J"]
         kwargs["max_iterations"] = config["eks_iterations"]
+    elif method == "smc":
+        kwargs["ensemble_size"] = config["smc_N"]
     engine = EKIInference(model, method=method, **kwargs)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -200,9 +207,17 @@ def run_engine(method, model, rng_key, args, y, size, config, **extra):
     history = engine.history
     iterations = history.t.shape[1]
     note = method.upper()
-    if method != "uki":
-        note += f", J = {engine.ensemble_size}"
-    note += f", {iterations} iterations, final t = {float(history.t[0, -1]):.3g}"
+    if method == "smc":
+        draws = engine.get_samples(group_by_chain=True)
+        draws = next(iter(draws.values())).shape[1]
+        note += (
+            f", N = {engine.ensemble_size} particles, {iterations} stages (the last: the "
+            f"chains' extension at t = 1), {draws} draws"
+        )
+    else:
+        if method != "uki":
+            note += f", J = {engine.ensemble_size}"
+        note += f", {iterations} iterations, final t = {float(history.t[0, -1]):.3g}"
     run = MethodRun(
         engine.get_samples(),
         int(history.forward_evaluations[:, -1].sum()),
@@ -286,7 +301,7 @@ def run_model(name, seed, config, log):
     )
 
     runs, engines = {}, {}
-    for k, method in enumerate(("eki", "eks", "uki")):
+    for k, method in enumerate(("eki", "eks", "uki", "smc")):
         engine, run = run_engine(
             method, module.model, jax.random.fold_in(run_key, k + 1), args, y, size, config
         )
@@ -521,7 +536,7 @@ def markdown(table, checks, meta):
         "marginal 1-Wasserstein distance / sd. Energy: energy distance of the joint draws "
         "scaled by the NUTS sd. The NUTS rows give, in the error columns, the same measures "
         "between the two halves of the NUTS draws: the noise floor of the reference. "
-        "Evaluations: forward-model runs (EKI/EKS/UKI), log-density evaluations "
+        "Evaluations: forward-model runs (EKI/EKS/UKI/SMC), log-density evaluations "
         "(AIES/ESS, capped at EKI's count) or gradient evaluations (NUTS, warmup "
         "included); % = of NUTS's.",
         "",
@@ -646,7 +661,8 @@ def main(argv=None):
         f"{platform.python_version()}, jax {jax.__version__}, numpyro {numpyro.__version__}",
         "total_seconds": time.perf_counter() - start,
         "settings": f"EKI J = ({sizes}), EKS J = {config['eks_J']} × "
-        f"{config['eks_iterations']} iterations, UKI {config['uki_draws']} draws, "
+        f"{config['eks_iterations']} iterations, UKI {config['uki_draws']} draws, SMC "
+        f"{config['smc_N']} particles (defaults), "
         f"NUTS {config['nuts_warmup']} + {config['nuts_reference_samples']} (cost counted "
         f"for {config['nuts_warmup']} + {config['nuts_samples']}), one chain each; AIES/ESS "
         "walkers max(8, 2d).",
