@@ -198,6 +198,16 @@ class EKIInference:
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
         self.smc_options = dict(smc_options or {})
+        if method == "smc" and self.smc_options.get("waste_free", True):
+            length = int(self.smc_options.get("chain_length", 10))
+            particles = 1000 if self.ensemble_size is None else self.ensemble_size
+            if particles % length or particles < 2 * length:
+                raise ValueError(
+                    f"method='smc' runs ensemble_size / chain_length waste-free Markov chains: "
+                    f"ensemble_size ({particles}) must be a multiple of chain_length "
+                    f"({length}), at least twice it (or pass smc_options={{'waste_free': "
+                    "False}})."
+                )
         self.blas_threads = None if blas_threads is None else int(blas_threads)
         self.log_evidence = None
         self.problem = None

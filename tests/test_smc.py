@@ -365,6 +365,10 @@ def test_resample_move_variant_and_bad_chain_length(linear):
     assert result.forward_evaluations[0] == 300 * (1 + h.moves[0].sum())
     with pytest.raises(ValueError, match="multiple of chain_length"):
         run_smc(problem, jax.random.PRNGKey(5), 305, 1)
+    # the engine says so when it is built, naming its own option
+    with pytest.raises(ValueError, match=r"ensemble_size \(205\) must be a multiple"):
+        EKIInference(linear_gaussian.model, "smc", ensemble_size=205)
+    EKIInference(linear_gaussian.model, "smc", ensemble_size=205, smc_options={"waste_free": False})
 
 
 def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
