@@ -148,9 +148,13 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   particles on that side at the main mode, where the MH ratio rejects them, so they stay
   put while their mode contracts and are weighted out. With random-walk moves only,
   resample-move keeps the mass on average (2.31 %), but one run ranges over 0.2-6.3 %,
-  and waste-free SMC's 100 chains give 0-6 %: at 1000 particles a mode of 1-2 % cannot
-  be weighted to the 10 % the whole posterior's sd needs. NUTS (one chain, 1000 draws)
-  had no mirror draws on any of the three seeds either.
+  and waste-free SMC's 100 chains give 0-6 %. That spread is the sampler's, not the
+  sample size's: 1000 independent exact draws get the amplitude sd within 10 % in
+  92-94 % of sets (median error 0.04). Each stage's resampling adds noise to a mode's
+  weight that no move can average out when no move crosses between modes (the same
+  Σ_k (1/ESS_k − 1)/N that sets the log evidence's variance), so keeping a 1-2 % mode
+  to 10 % would take a much finer schedule or moves between modes. NUTS (one chain,
+  1000 draws) had no mirror draws on any of the three seeds either.
 """
 
 from __future__ import annotations
