@@ -54,8 +54,9 @@ VARIANTS = {
 }
 
 
-def exact_mirror_mass(problem, grid=801, box=7.0):
-    """t ↦ the exact mass of A < 0 under π_t (quadrature in whitened space)."""
+def grid_posterior(problem, grid=801, box=7.0):
+    """The whitened-space grid (box [−box, box]²), the misfit Φ and log prior on it, and
+    the amplitude at each node: what the quadratures below need."""
     g = np.linspace(-box, box, grid)
     u = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     out = np.asarray(jax.jit(problem.forward)(jnp.asarray(u)))
@@ -64,29 +65,27 @@ def exact_mirror_mass(problem, grid=801, box=7.0):
     phi = np.where(ok, np.asarray(problem.noise.misfit(jnp.asarray(residual))), np.inf)
     log_prior = -0.5 * np.sum(u**2, axis=-1)
     amplitude = np.asarray(jax.jit(problem.prior_transform)(jnp.asarray(u))["amplitude"])
-
-    def mass(t):
-        lw = log_prior - t * phi
-        w = np.exp(lw - lw.max())
-        return float(w[amplitude < 0].sum() / w.sum())
-
-    return mass
+    return phi, log_prior, amplitude
 
 
-def iid_sd_errors(seed, draws, sets, grid=801, box=7.0):
+def tempered_weights(phi, log_prior, t):
+    """Normalised quadrature weights of π_t on the grid."""
+    lw = log_prior - t * phi
+    w = np.exp(lw - lw.max())
+    return w / w.sum()
+
+
+def exact_mirror_mass(problem):
+    """t ↦ the exact mass of A < 0 under π_t (quadrature in whitened space)."""
+    phi, log_prior, amplitude = grid_posterior(problem)
+    return lambda t: float(tempered_weights(phi, log_prior, t)[amplitude < 0].sum())
+
+
+def iid_sd_errors(seed, draws, sets):
     """Sd errors of the amplitude over ``sets`` sets of ``draws`` exact i.i.d. draws."""
     args, y = exp_sine.simulate_data(jax.random.PRNGKey(seed))
-    problem = trace_model(exp_sine.model, *args, y=y)
-    g = np.linspace(-box, box, grid)
-    u = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
-    out = np.asarray(jax.jit(problem.forward)(jnp.asarray(u)))
-    ok = np.all(np.isfinite(out), axis=-1)
-    residual = np.where(ok[:, None], np.asarray(problem.observations) - out, 0.0)
-    phi = np.where(ok, np.asarray(problem.noise.misfit(jnp.asarray(residual))), np.inf)
-    lw = -0.5 * np.sum(u**2, axis=-1) - phi
-    w = np.exp(lw - lw.max())
-    w /= w.sum()
-    amplitude = np.asarray(jax.jit(problem.prior_transform)(jnp.asarray(u))["amplitude"])
+    phi, log_prior, amplitude = grid_posterior(trace_model(exp_sine.model, *args, y=y))
+    w = tempered_weights(phi, log_prior, 1.0)
     mean = w @ amplitude
     sd = np.sqrt(w @ (amplitude - mean) ** 2)
     rng = np.random.default_rng(seed)
