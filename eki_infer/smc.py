@@ -1017,7 +1017,8 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     acc_rw, acc_kal = [], []
     failed = np.zeros(num_chains, dtype=np.int64)
     corr = np.full(num_chains, np.nan)
-    ess = chain_ess(states.particles, num_heads, stats)
+    particles = [np.asarray(states.particles)]  # host copies, for the ESS only
+    ess = chain_ess(particles[0], num_heads, stats)
     trace = [ess]  # trace[k]: the ESS after k extra moves
     moves = 0
     while moves < max_moves and not np.all((ess >= target) | _stalled(trace, len(blocks))):
@@ -1028,9 +1029,11 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
         acc_kal.append(a_kal)
         failed += n_failed
         blocks.append(heads)
-        states = _stack_blocks(blocks, states)
-        ess = chain_ess(states.particles, num_heads, stats)
+        particles.append(np.asarray(heads.particles))
+        ess = chain_ess(np.concatenate(particles, axis=1), num_heads, stats)
         trace.append(ess)
+    if moves:
+        states = _stack_blocks(blocks, states)
     nan = [np.full(num_chains, np.nan)]
     return states, {
         "moves": moves,
