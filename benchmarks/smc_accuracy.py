@@ -602,6 +602,23 @@ def readme_section(results, meta):
     return "\n".join(text) + "\n"
 
 
+def smc_tuning_text(overrides=None) -> str:
+    """``run_smc``'s tuning as run: its defaults updated by ``overrides``, the options of
+    the variant in use (waste-free or resample-move)."""
+    import inspect
+
+    sig = inspect.signature(run_smc).parameters
+    shown = {k: p.default for k, p in sig.items() if p.default is not inspect.Parameter.empty}
+    shown.update(overrides or {})
+    names = ["schedule", "ess_target", "waste_free"]
+    if shown["waste_free"]:
+        names += ["chain_length", "final_ess", "max_final_moves"]
+    else:
+        names += ["min_moves", "max_moves", "corr_threshold"]
+    text = ", ".join(f"{k} {shown[k]}" for k in names)
+    return text.replace("final_ess None", "final_ess 0.8 N")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--particles", type=int, default=1000)
@@ -637,19 +654,7 @@ def main(argv=None):
         print(name, flush=True)
         per_seed = run_model(name, opts.seeds, opts.particles, print, opts.refresh, smc_kwargs)
         results[name] = {"summary": summarise(per_seed), "per_seed": per_seed}
-    import inspect
-
-    sig = inspect.signature(run_smc).parameters
-    shown = {**{k: sig[k].default for k in sig if sig[k].default is not inspect._empty}}
-    shown.update(smc_kwargs)
-    names = ["schedule", "ess_target", "waste_free"]
-    if shown.get("waste_free", False):
-        names += ["chain_length", "final_ess", "max_final_moves"]
-    else:
-        names += ["min_moves", "max_moves", "corr_threshold"]
-    defaults = ", ".join(f"{k} {shown[k]}" for k in names if k in shown)
-    if shown.get("waste_free", False) and shown.get("final_ess") is None:
-        defaults = defaults.replace("final_ess None", "final_ess 0.8 N")
+    defaults = smc_tuning_text(smc_kwargs)
     meta = {
         "seeds": opts.seeds,
         "particles": opts.particles,

@@ -40,7 +40,7 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import jax  # noqa: E402
 import numpyro  # noqa: E402
-from smc_accuracy import RESULTS, run_model, summarise  # noqa: E402
+from smc_accuracy import RESULTS, run_model, smc_tuning_text, summarise  # noqa: E402
 
 from models import REFERENCE_MODELS  # noqa: E402
 
@@ -56,18 +56,6 @@ def variants(particles: int) -> dict:
         "final_ess N": {"final_ess": float(particles)},
         "ess_target 0.1": {"ess_target": 0.1},
     }
-
-
-def defaults_text() -> str:
-    """``run_smc``'s defaults of the options the variants change."""
-    import inspect
-
-    from eki_infer.smc import run_smc
-
-    sig = inspect.signature(run_smc).parameters
-    names = ("schedule", "ess_target", "waste_free", "chain_length", "final_ess")
-    text = ", ".join(f"{k} {sig[k].default}" for k in names)
-    return text.replace("final_ess None", "final_ess 0.8 N")
 
 
 def markdown(results, meta) -> str:
@@ -152,7 +140,7 @@ def main(argv=None):
     meta = {
         "particles": opts.particles,
         "seeds": opts.seeds,
-        "defaults": defaults_text(),
+        "defaults": smc_tuning_text(),
         "variants": {v: configs[v] for v in chosen},
         "platform": f"{platform.machine()} CPU, Python {platform.python_version()}, "
         f"jax {jax.__version__}, numpyro {numpyro.__version__}",

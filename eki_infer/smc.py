@@ -650,11 +650,7 @@ def _compile(problem, rebuild, options):
         new, dt, ess, finite = jax.vmap(
             lambda k, s: reweight_and_resample(k, s, options["ess_target"], options["schedule"])
         )(keys, states)
-        new = jax.tree.map(
-            lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
-            new,
-            states,
-        )
+        new = _keep_inactive(new, states, active)
         # One chain at a time: no chain-batched LAPACK call (see move_stats).
         stats = jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), new)
         return new, stats, dt, ess, finite
@@ -669,11 +665,7 @@ def _compile(problem, rebuild, options):
         new, info = jax.vmap(lambda k, s, st: move(k, s, st, forward, observations, noise, **kw))(
             keys, states, stats
         )
-        new = jax.tree.map(
-            lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
-            new,
-            states,
-        )
+        new = _keep_inactive(new, states, active)
         return new, info
 
     def select_heads(keys, states, stats, chain_length):
@@ -682,9 +674,8 @@ def _compile(problem, rebuild, options):
         n = states.misfit.shape[-1]
         offsets = jax.vmap(lambda k: jax.random.randint(k, (), 0, chain_length))(keys)
         rows = offsets[:, None] + chain_length * jnp.arange(n // chain_length)[None, :]
-        heads = jax.vmap(lambda s, r: _take_rows(s, r))(states, rows)
-        start = jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
-        return heads, stats._replace(start=start)
+        heads = jax.vmap(_take_rows)(states, rows)
+        return heads, _with_start(stats, heads)
 
     def population_stats(states, observations, noise):
         return jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), states)
@@ -1009,9 +1000,7 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     stats = population_stats(states, y, noise)
     blocks = [_take_block(states, b * num_heads, num_heads) for b in range(n // num_heads)]
     heads = blocks[-1]
-    stats = stats._replace(
-        start=jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
-    )
+    stats = _with_start(stats, heads)
     keys0 = fold_keys(per_chain, _FINAL_STAGE)
     everyone = jnp.ones(num_chains, dtype=bool)
     acc_rw, acc_kal = [], []
@@ -1061,14 +1050,14 @@ def _stalled(trace: list, length: int) -> np.ndarray:
 
 def _take_block(states: SMCState, start: int, size: int) -> SMCState:
     """Rows ``start:start + size`` of every chain's population."""
-    return states._replace(
-        particles=states.particles[:, start : start + size],
-        outputs=states.outputs[:, start : start + size],
-        misfit=states.misfit[:, start : start + size],
-        log_weights=jnp.full(
-            (states.misfit.shape[0], size), -math.log(size), states.log_weights.dtype
-        ),
-    )
+    return jax.vmap(_take_rows, in_axes=(0, None))(states, jnp.arange(start, start + size))
+
+
+def _with_start(stats: MoveStats, heads: SMCState) -> MoveStats:
+    """``stats`` whose decorrelation reference is the chains' starting points ``heads``
+    (chain axis first), in the stage's L-coordinates."""
+    start = jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
+    return stats._replace(start=start)
 
 
 def _check_finite(finite_counts, stage, where):
