@@ -197,6 +197,15 @@ def _arviz_group(obj, name):
         return None
 
 
+def _run_attrs(obj, posterior) -> dict:
+    """The run's attributes (``method``, ``forward_evaluations``, ...): ArviZ 0.x keeps
+    them on the InferenceData, ArviZ 1.x on every group of the DataTree."""
+    attrs = dict(getattr(obj, "attrs", None) or {})
+    if posterior is not None:
+        attrs.update(posterior.attrs)
+    return attrs
+
+
 def _from_arviz(obj) -> MethodRun:
     posterior = _arviz_group(obj, "posterior")
     if posterior is None:
@@ -211,8 +220,8 @@ def _from_arviz(obj) -> MethodRun:
         evaluations = int(np.asarray(history["forward_evaluations"].values)[:, -1].sum())
         if "wall_time" in history:
             seconds = float(np.asarray(history["wall_time"].values)[:, -1].max())
-    elif "forward_evaluations" in posterior.attrs:
-        evaluations = int(posterior.attrs["forward_evaluations"])
+    elif "forward_evaluations" in _run_attrs(obj, posterior):
+        evaluations = int(_run_attrs(obj, posterior)["forward_evaluations"])
     return MethodRun(samples, evaluations, kind, seconds)
 
 
@@ -264,9 +273,9 @@ def _default_name(result, index: int) -> str:
     if isinstance(method, str):
         return method.upper()
     if _is_arviz(result):
-        posterior = _arviz_group(result, "posterior")
-        if posterior is not None and "method" in posterior.attrs:
-            return str(posterior.attrs["method"]).upper()
+        attrs = _run_attrs(result, _arviz_group(result, "posterior"))
+        if "method" in attrs:
+            return str(attrs["method"]).upper()
     return f"method {index}"
 
 

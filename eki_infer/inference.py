@@ -451,7 +451,6 @@ class EKIInference:
             )
             values, outputs = steps.transform_and_forward(samples_u, data)
             failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
-            evaluations += self.num_samples
             prior_u = jax.vmap(
                 lambda k: jax.random.normal(
                     jax.random.fold_in(k, 1), (self.num_samples, problem.dim)
@@ -579,6 +578,10 @@ class EKIInference:
                 "method": self.method,
                 "num_iterations": int(self.history.t.shape[1]),
                 "forward_evaluations": int(np.sum(run.evaluations)),
+                # UKI evaluates its posterior draws once more, for the predictive
+                "predictive_evaluations": int(run.outputs.shape[0] * run.outputs.shape[1])
+                if self.method == "uki"
+                else 0,
                 **attrs,
             },
         )

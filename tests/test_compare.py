@@ -13,6 +13,7 @@ from scipy.spatial.distance import cdist
 from eki_infer.compare import (
     Comparison,
     MethodRun,
+    _default_name,
     as_method_run,
     compare,
     energy_distance,
@@ -246,6 +247,17 @@ def test_end_to_end_linear_gaussian(linear_comparison):
     assert comp.marginal["EKI (ArviZ)"] == comp.marginal["EKI"]
     assert comp.cost["EKI (ArviZ)"]["evaluations"] == evals
     assert isinstance(comp, Comparison)
+    # without its history group, the ArviZ object still names its method and cost
+    # (ArviZ 0.x keeps run attributes on the InferenceData, 1.x on every group)
+    idata = engine.inference_data
+    if hasattr(idata, "children"):  # DataTree
+        bare = idata.copy()
+        del bare["ensemble_history"]
+    else:
+        bare = idata.copy()
+        del bare.ensemble_history
+    assert _default_name(bare, 0) == "EKI"
+    assert as_method_run(bare).evaluations == evals
 
 
 def test_plot_comparison(linear_comparison):

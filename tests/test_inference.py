@@ -100,6 +100,13 @@ def test_uki_is_exact_on_linear_gaussian(linear_data):
     assert theta.shape == (4000, 2)
     sd = np.sqrt(np.diag(cov))
     assert np.all(np.abs(theta.mean(0) - mean) < 0.1 * sd)
+    # the run's cost is the sigma points' evaluations; the draws' own evaluations (for the
+    # predictive) are counted apart
+    idata = engine.inference_data
+    attrs = getattr(idata, "attrs", None) or idata.posterior.attrs
+    assert attrs["forward_evaluations"] == engine.history.forward_evaluations[0, -1]
+    assert attrs["forward_evaluations"] % 5 == 0  # 2d + 1 points per update
+    assert attrs["predictive_evaluations"] == 4000
 
 
 def _theta_by_chain(X, y, chains, chain_method):
