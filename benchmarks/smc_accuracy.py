@@ -554,6 +554,7 @@ def readme_section(results, meta):
     import inspect
 
     ess_target = inspect.signature(run_smc).parameters["ess_target"].default
+    transport_ess = inspect.signature(run_smc).parameters["transport_ess"].default
     text = [
         "## Which method when (SMC vs EKI / UKI / EKS)",
         "",
@@ -570,7 +571,10 @@ def readme_section(results, meta):
         "the log evidence, and is exact as the particle count grows. The moves mix a random",
         "walk with the population covariance and a Kalman proposal (a Crank–Nicolson step",
         "around the ensemble-Kalman estimate of the posterior mean, accepted with its exact",
-        'MH ratio). `smc_options={"waste_free": False}` gives the resample-move variant',
+        "MH ratio). Where the ESS step stops short of t = 1, a Kalman transport to t = 1",
+        "(the affine map onto the ensemble-Kalman update, exactly weighted) replaces the",
+        f"remaining stages when its ESS fraction reaches {transport_ess}.",
+        '`smc_options={"waste_free": False}` gives the resample-move variant',
         "(all N resampled and moved until decorrelated;",
         "`benchmarks/results/smc_accuracy_resample_move.md`).",
         "",
@@ -612,7 +616,9 @@ def smc_tuning_text(overrides=None) -> str:
     shown.update(overrides or {})
     names = ["schedule", "ess_target", "waste_free"]
     if shown["waste_free"]:
-        names += ["chain_length", "final_ess", "max_final_moves"]
+        names += ["chain_length", "final_ess", "max_final_moves", "transport"]
+        if shown["transport"]:
+            names += ["transport_ess"]
     else:
         names += ["min_moves", "max_moves", "corr_threshold"]
     text = ", ".join(f"{k} {shown[k]}" for k in names)

@@ -1,5 +1,5 @@
-"""Waste-free SMC's tuning: chain length, final ESS target and ESS step, against
-resample-move.
+"""Waste-free SMC's tuning: chain length, final ESS target, ESS step and the Kalman
+transport, against resample-move.
 
 ``run_smc`` (default ``waste_free=True``) resamples N / P particles per stage, runs a
 Markov chain of P = ``chain_length`` states from each and keeps every state; at t = 1 it
@@ -55,6 +55,8 @@ def variants(particles: int) -> dict:
         "final_ess 0.5 N": {"final_ess": 0.5 * particles},
         "final_ess N": {"final_ess": float(particles)},
         "ess_target 0.1": {"ess_target": 0.1},
+        "no transport": {"transport": False},
+        "transport_ess 0.5": {"transport_ess": 0.5},
     }
 
 

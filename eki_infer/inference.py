@@ -97,7 +97,8 @@ class EKIInference:
             data-misfit controller), ``"eks"`` (ensemble Kalman sampler with the ALDI
             correction, run to equilibrium under the stable scheduler) or ``"uki"``
             (unscented Kalman inversion as unscented tempering to T = 1) or ``"smc"``
-            (tempered sequential Monte Carlo with Kalman-informed MH moves,
+            (tempered sequential Monte Carlo with Kalman-informed MH moves and a Kalman
+            transport to T = 1 where the posterior is close to Gaussian,
             :mod:`eki_infer.smc`: exact as the particle number grows; ``ensemble_size``
             is the particle count per chain, default 1000, a multiple of the waste-free
             chain length 10; the posterior holds the final waste-free population, at

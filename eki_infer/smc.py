@@ -17,6 +17,26 @@ each stage
    from the equally weighted population's finite misfits:
    Δt = min(max(M/(2⟨Φ⟩), sqrt(M/(2 Var Φ))), 1 − t), M the data dimension
    (:func:`dmc_dt`). Either way the last step is capped so that t ends at exactly 1.
+
+   **Kalman transport** (waste-free, ``transport=True``, default): when that step stops
+   short of 1, the sampler also tries to go to t = 1 at once. The population is moved by
+   the affine map that carries its mean and covariance onto the ensemble-Kalman update
+   to t = 1 (:mod:`eki_infer.kalman_transport`; cross-fitted: the even chains' states are
+   moved by the map fitted to the odd chains' and vice versa) and weighted exactly,
+   w_i = π̃_1(T u_i) |det A| / π̃_t(u_i). The map is first probed on the chains' last
+   states (N / P forward runs); if the probe's ESS fraction reaches ``transport_ess``
+   (0.8), the other particles are moved too (N − N / P runs), and if the whole
+   population's ESS fraction reaches it as well, the stage goes to t = 1 with these
+   weights instead of taking the ordinary step (its ``dt`` is 1 − t,
+   ``history.transported`` 1). For a linear forward map the map is the exact posterior
+   update up to the Monte-Carlo error of the moments, so the prior goes to the posterior
+   in one stage; where the map is nonlinear the probe's ESS
+   (``history.transport_probe_ess``) is low and the probe's N / P runs are the cost.
+   The bar is high because one transport replaces several stages and its weights can
+   only judge the particles it produced, not the regions its Gaussian map leaves out
+   (see the measurements below).
+   With several chains the transport's batches evaluate every active chain's particles
+   when any chain needs them (one vmapped call), and all of those runs are counted.
 2. **reweights and accumulates the evidence**: log Z += log Σ_i W_i exp(−Δt Φ_i);
 3. **resamples** systematically;
 4. **moves** particles with Metropolis–Hastings kernels that leave π_t invariant.
@@ -107,27 +127,34 @@ closed-form, quadrature or long-NUTS references; cost in forward evaluations aga
 NUTS's gradient evaluations at 1000 warmup + 1000 draws.
 
 - ``waste_free=True``, ``chain_length`` 10, ``final_ess`` 0.8 N
-  (``benchmarks/smc_waste_free_study.py``, ``smc_waste_free_study.md``). Against
-  resample-move with the same keys and schedule, waste-free SMC needed 0.43-0.79 × the
-  evaluations on the five models other than exp_sine (37,467 vs 66,667 summed over
-  them; exp_sine 5,800 vs 23,000), at most 0.85 × NUTS's gradients on any seed where
-  resample-move went up to 1.59 ×, and met 0.1 sd / 10 % on every seed of all five
-  (resample-move: four; an eight_schools sd was 11 % off). A stage of either variant is
-  limited by its ESS step, not by its moves; waste-free SMC pays N − M evaluations per
-  stage instead of N per move. The sequential rounds grew to 38-149 (from 10-33), still
-  about 100 × fewer than NUTS's 11,000-51,000. ``chain_length`` 5 (200 chains of 5)
-  stopped the final extension too early on eight_schools (short, slowly mixing chains
-  gain ESS slowly, which looks like a stall; mean error 0.147 sd); 20 (50 chains of 20)
-  left lorenz96 0.208 sd off. ``final_ess`` 0.5 N saved 23 % of the evaluations but
-  left darcy at 0.101 sd; N cost 10 % more for the same errors (eight_schools up to
-  0.96 × NUTS).
+  (``benchmarks/smc_waste_free_study.py``, ``smc_waste_free_study.md``; every variant
+  there has the transport unless it says otherwise). Against resample-move with the
+  same keys and schedule, waste-free SMC needed 0.30-0.79 × the evaluations on the five
+  models other than exp_sine (35,000 vs 66,667 summed over them; exp_sine 6,100 vs
+  23,000), at most 0.86 × NUTS's gradients on any seed where resample-move went up to
+  1.59 ×, and met 0.1 sd / 10 % on every seed of all five (resample-move: four; an
+  eight_schools sd was 11 % off). A stage of either variant is limited by its ESS step,
+  not by its moves; waste-free SMC pays N − M evaluations per stage instead of N per
+  move. The sequential rounds are 18-150 (resample-move: 11-33), still about 100 ×
+  fewer than NUTS's 11,000-51,000. ``chain_length`` 5 (200 chains of 5) stopped the
+  final extension too early on eight_schools (short, slowly mixing chains gain ESS
+  slowly, which looks like a stall; mean error 0.147 sd); 20 (50 chains of 20) left
+  lorenz96 0.208 sd off. ``final_ess`` 0.5 N saved 25 % of the evaluations but left sir
+  at 0.104 sd; N cost 11 % more for the same errors (eight_schools up to 0.96 × NUTS).
+- ``transport=True``, ``transport_ess`` 0.8 (same study). Without the transport the five
+  models need 37,467 evaluations (35,000 with it), linear_gaussian 6,067 instead of
+  3,433 (0.55 × NUTS on its worst seed instead of 0.31), and the linear_gaussian
+  log-evidence errors are +0.027, −0.274, −0.023 instead of −0.009, −0.002, +0.004.
+  It is taken on linear_gaussian (from the prior), darcy and sir (for the last one or
+  two stages), never on lorenz96, exp_sine or eight_schools, where its probes cost
+  1-5 %. At ``transport_ess`` 0.5 it was also taken on exp_sine's seed 1 (at an ESS of
+  0.51): a chain was left on a far part of the likelihood ridge, the final ESS stalled
+  at 102 and the main mode's sd came out 27 % too wide (8 % with 0.8).
 - ``ess_target`` 0.3. For resample-move it was lowered from 0.5 (with ``corr_threshold``
   0.2 from 0.1): 1.3-2.0 × fewer evaluations for about the same rms errors, at twice
   the log-evidence error (rms 0.129 vs 0.063 on linear_gaussian; for a precise evidence
-  pass ``ess_target=0.5``). For waste-free SMC, 0.1 saved 29 % of the evaluations
-  (summed over the five models) but left lorenz96 off by 22 % in an sd, and the
-  linear_gaussian log-evidence errors grew to −0.040, −0.447, −0.264 (from +0.027,
-  −0.274, −0.023).
+  pass ``ess_target=0.5``). For waste-free SMC, 0.1 saved 28 % of the evaluations
+  (25,200 vs 35,000 summed over the five models) but left lorenz96 off by 22 % in an sd.
 - ``schedule="ess"``. On the five models other than exp_sine the data-misfit controller
   takes 3-4 stages where the ESS rule takes 2-5, 0.82-1.15 × the evaluations and gives
   about the same errors, but it does not see the weights: its first linear_gaussian
@@ -154,7 +181,12 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   weight that no move can average out when no move crosses between modes (the same
   Σ_k (1/ESS_k − 1)/N that sets the log evidence's variance), so keeping a 1-2 % mode
   to 10 % would take a much finer schedule or moves between modes. NUTS (one chain,
-  1000 draws) had no mirror draws on any of the three seeds either.
+  1000 draws) had no mirror draws on any of the three seeds either. Moves between modes
+  were tried and not kept: a mode-jumping move (Tjelmeland & Hegstad 2001: an affine
+  involution between the components of a Gaussian mixture fitted to each stage's
+  population, with its exact MH ratio) did not keep the mirror mass, because by the time
+  the modes separate the mirror holds too few particles to form a component, and once it
+  is empty no jump leads back.
 """
 
 from __future__ import annotations
@@ -170,6 +202,11 @@ import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 
+from eki_infer.kalman_transport import (
+    apply_cross_fitted,
+    cross_fitted_maps,
+    transport_log_weights,
+)
 from eki_infer.keys import chain_keys, fold_keys
 from eki_infer.model_args import split_model_args, with_model_args
 
@@ -260,7 +297,10 @@ class SMCHistory(NamedTuple):
     the stage's end; ``correlation`` the decorrelation criterion after the last move
     (waste-free: of the chains' last states with their starting points); ``sample_ess``
     the population's effective sample size after the stage (:func:`chain_ess`;
-    waste-free only, NaN otherwise); ``misfit_mean`` the mean Φ of the final population
+    waste-free only, NaN otherwise); ``transport_probe_ess`` the ESS fraction of the Kalman
+    transport's probe (NaN when it was not tried) and ``transported`` 1 where the stage
+    went to t = 1 by the transport (then ``ess`` is the transported population's ESS
+    fraction); ``misfit_mean`` the mean Φ of the final population
     (finite values); ``num_failed`` the number of non-finite forward outputs among the
     stage's proposals;
     ``log_evidence`` the running log p(y) estimate; ``forward_evaluations`` (cumulative,
@@ -281,6 +321,8 @@ class SMCHistory(NamedTuple):
     p_kalman: np.ndarray
     correlation: np.ndarray
     sample_ess: np.ndarray
+    transport_probe_ess: np.ndarray
+    transported: np.ndarray
     misfit_mean: np.ndarray
     num_failed: np.ndarray
     log_evidence: np.ndarray
@@ -301,7 +343,7 @@ class SMCResult(NamedTuple):
         history: :class:`SMCHistory`.
         forward_evaluations: per chain ``(chains,)``.
         sequential_rounds: batched forward calls that had to wait for each other
-            (1 initial + the total number of moves).
+            (1 initial + the total number of moves + the Kalman transport's batches).
         state: the final :class:`SMCState` (chain axis first).
     """
 
@@ -441,6 +483,30 @@ def reweight_and_resample(rng_key, state: SMCState, ess_target: float, schedule:
     )
     state = jax.tree.map(lambda a, b: jnp.where(moved, a, b), new, state)
     return state, dt, ess, num_finite
+
+
+def transport_and_resample(
+    rng_key, state: SMCState, moved, moved_outputs, log_det, observations, noise
+):
+    """The population moved by a Kalman transport (:mod:`eki_infer.kalman_transport`) to
+    t = 1: weighted by w_i = π̃_1(T u_i) |det A| / π̃_t(u_i), log Z updated by log Σ W_i w_i,
+    and resampled systematically. Returns ``(state, ess_fraction, num_finite)``."""
+    n = state.misfit.shape[0]
+    phi = _misfit(moved_outputs, observations, noise)
+    log_w = state.log_weights + transport_log_weights(
+        state.particles, state.misfit, state.t, moved, phi, log_det
+    )
+    ess = ess_of_log_weights(log_w) / n
+    idx = systematic_resample(rng_key, log_w)
+    new = state._replace(
+        particles=moved[idx],
+        outputs=moved_outputs[idx],
+        misfit=phi[idx],
+        log_weights=jnp.full((n,), -math.log(n), dtype=log_w.dtype),
+        t=jnp.ones_like(state.t),
+        log_z=state.log_z + logsumexp(log_w),
+    )
+    return new, ess, jnp.sum(jnp.isfinite(log_w))
 
 
 def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> MoveStats:
@@ -677,6 +743,38 @@ def _compile(problem, rebuild, options):
         heads = jax.vmap(_take_rows)(states, rows)
         return heads, _with_start(stats, heads)
 
+    def transport_probe(states, rows, folds, data, observations, noise):
+        # One chain at a time for the factorisations (see move_stats).
+        maps = jax.lax.map(
+            lambda s: cross_fitted_maps(
+                s.particles, s.outputs, s.misfit, s.t, observations, noise, folds, options["jitter"]
+            ),
+            states,
+        )
+        u = states.particles[:, rows]
+        moved, log_det = jax.vmap(apply_cross_fitted, in_axes=(0, 0, None))(maps, u, folds[rows])
+        outputs = jax.vmap(forward_rows(data))(moved)
+        phi = jax.vmap(lambda g: _misfit(g, observations, noise))(outputs)
+        log_w = jax.vmap(transport_log_weights)(
+            u, states.misfit[:, rows], states.t, moved, phi, log_det
+        )
+        ess = jax.vmap(ess_of_log_weights)(log_w) / rows.shape[0]
+        return maps, (moved, outputs, log_det), ess
+
+    def transport_finish(keys, states, maps, probe, rows, folds, data, y, noise):
+        # the rows before the probe (the probe is the population's last block)
+        u = states.particles[:, rows]
+        moved, log_det = jax.vmap(apply_cross_fitted, in_axes=(0, 0, None))(maps, u, folds[rows])
+        outputs = jax.vmap(forward_rows(data))(moved)
+        moved = jnp.concatenate([moved, probe[0]], axis=1)
+        outputs = jnp.concatenate([outputs, probe[1]], axis=1)
+        log_det = jnp.concatenate([log_det, probe[2]], axis=1)
+        new, ess, finite = jax.vmap(
+            lambda k, s, m, g, ld: transport_and_resample(k, s, m, g, ld, y, noise)
+        )(keys, states, moved, outputs, log_det)
+        stats = jax.lax.map(lambda s: move_stats(s, y, noise, options["jitter"]), new)
+        return new, stats, ess, finite
+
     def population_stats(states, observations, noise):
         return jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), states)
 
@@ -686,6 +784,8 @@ def _compile(problem, rebuild, options):
         jax.jit(move_chains),
         jax.jit(select_heads, static_argnums=3),
         jax.jit(population_stats),
+        jax.jit(transport_probe),
+        jax.jit(transport_finish),
     )
 
 
@@ -714,8 +814,9 @@ def _stack_blocks(blocks: list, like: SMCState) -> SMCState:
     )
 
 
-def _keep_inactive(new: SMCState, old: SMCState, active) -> SMCState:
-    """Chains that are not ``active`` keep their old population."""
+def _keep_inactive(new, old, active):
+    """Chains that are not ``active`` keep their old population (or statistics): any
+    pytree with the chain axis first."""
     active = jnp.asarray(active)
     return jax.tree.map(
         lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
@@ -757,6 +858,8 @@ def run_smc(
     chain_length: int = 10,
     final_ess: float | None = None,
     max_final_moves: int = 200,
+    transport: bool = True,
+    transport_ess: float = 0.8,
     p_kalman: float | None = None,
     min_moves: int = 1,
     max_moves: int = 10,
@@ -783,6 +886,9 @@ def run_smc(
     ``max_final_moves`` moves; the result has M × (``chain_length`` + extra moves)
     draws per chain. ``waste_free=False``: resample all N and move each until the
     decorrelation criterion (``corr_threshold``, ``min_moves``, ``max_moves``) holds.
+    ``transport`` (waste-free only): try the Kalman transport to t = 1 at every stage whose
+    ordinary step stops short of it, and take it when the ESS fractions of its probe and
+    of the whole transported population reach ``transport_ess``.
     The module docstring's last section gives the measurements behind the defaults.
 
     Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
@@ -814,6 +920,8 @@ def run_smc(
             )
         if final_ess is not None and final_ess <= 0:
             raise ValueError(f"final_ess must be positive, got {final_ess}.")
+        if not 0.0 < transport_ess <= 1.0:
+            raise ValueError(f"transport_ess must be in (0, 1], got {transport_ess}.")
     y, noise = problem.observations, problem.noise
     options = {
         "ess_target": float(ess_target),
@@ -824,10 +932,17 @@ def run_smc(
         "jitter": float(jitter),
     }
     steps, data = _compiled_steps(problem, options)
-    init_chains, stage_start, move_chains, select_heads, _ = steps
+    init_chains, stage_start, move_chains, select_heads, _, *transport_steps = steps
+    transport_probe, transport_finish = transport_steps
     per_chain = chain_keys(rng_key, jnp.arange(num_chains))
     init_keys = fold_keys(per_chain, 0)
     num_heads = num_particles // chain_length if waste_free else num_particles
+    use_transport = waste_free and transport
+    # the transport is probed on the population's last block (the chains' last states)
+    probe_rows = jnp.arange(num_particles - num_heads, num_particles)
+    rest_rows = jnp.arange(num_particles - num_heads)
+    # cross-fitting folds: row b·M + i belongs to chain i; even and odd chains
+    folds = (jnp.arange(num_particles) % num_heads) % 2
 
     saved = checkpoint.current if checkpoint is not None else None
     if saved is not None:
@@ -867,8 +982,10 @@ def run_smc(
                 },
             )
 
-    def record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed, sample_ess):
+    def record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed, sample_ess, transport):
         phi = np.asarray(states.misfit)
+        records["transport_probe_ess"].append(transport[0])
+        records["transported"].append(transport[1])
         records["t"].append(np.asarray(states.t))
         records["dt"].append(np.where(active, np.asarray(dt), 0.0))
         records["ess"].append(np.where(active, np.asarray(ess), 1.0))
@@ -897,6 +1014,28 @@ def run_smc(
             resampled, stats, dt, ess, finite = stage_start(
                 keys, states, jnp.asarray(active), y, noise
             )
+            tried = np.full(num_chains, np.nan)
+            transported = np.zeros(num_chains, dtype=bool)
+            probing = active & (np.asarray(resampled.t) < 1.0)  # the plain step stops short
+            if use_transport and probing.any():
+                maps, probe, p_ess = transport_probe(states, probe_rows, folds, data, y, noise)
+                evaluations += np.where(active, num_heads, 0)
+                rounds += 1
+                tried = np.where(probing, np.asarray(p_ess), np.nan)
+                trying = probing & (tried >= transport_ess)
+                if trying.any():
+                    t_states, t_stats, t_ess, t_finite = transport_finish(
+                        keys, states, maps, probe, rest_rows, folds, data, y, noise
+                    )
+                    evaluations += np.where(active, num_particles - num_heads, 0)
+                    rounds += 1
+                    transported = trying & (np.asarray(t_ess) >= transport_ess)
+                    chosen = jnp.asarray(transported)
+                    resampled = _keep_inactive(t_states, resampled, chosen)
+                    stats = _keep_inactive(t_stats, stats, chosen)
+                    dt = np.where(transported, 1.0 - np.asarray(states.t), np.asarray(dt))
+                    ess = np.where(transported, np.asarray(t_ess), np.asarray(ess))
+                    finite = np.where(transported, np.asarray(t_finite), np.asarray(finite))
             finite = np.asarray(finite)
             _check_finite(np.where(active, finite, num_particles), stage, "reweighting")
             acc_rw, acc_kal, failed_total = [], [], np.zeros(num_chains, dtype=np.int64)
@@ -928,7 +1067,18 @@ def run_smc(
                 sample_ess = np.where(active, chain_ess(states.particles, num_heads, stats), np.nan)
             else:
                 states, sample_ess = heads, np.full(num_chains, np.nan)
-            record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed_total, sample_ess)
+            record(
+                active,
+                dt,
+                ess,
+                moves,
+                acc_rw,
+                acc_kal,
+                corr,
+                failed_total,
+                sample_ess,
+                (tried, transported.astype(np.int64)),
+            )
             save(stage)
             done_stage = stage
             if bar is not None:
@@ -953,6 +1103,7 @@ def run_smc(
                 extension["corr"],
                 extension["failed"],
                 extension["ess"],
+                (np.full(num_chains, np.nan), np.zeros(num_chains, dtype=np.int64)),
             )
             save(done_stage + 1, done=True)
             if bar is not None:
@@ -994,7 +1145,7 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     kept. The kernel's statistics are those of the whole t = 1 population. Returns
     ``(states, extension)``, extension a dict of the move count and the per-run mean
     acceptances, failures, decorrelation and final ESS (for the history row)."""
-    _, _, move_chains, _, population_stats = steps
+    _, _, move_chains, _, population_stats, _, _ = steps
     data, y, noise = args
     num_chains, n = states.misfit.shape
     stats = population_stats(states, y, noise)

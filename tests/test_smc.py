@@ -100,8 +100,20 @@ def test_linear_gaussian_posterior_and_evidence(linear):
     # row, the extension at t = 1, has none when the ESS target was met without moves)
     kalman = h.acceptance_kalman
     assert np.all((kalman > 0.7) | (np.isnan(kalman) & (h.moves == 0)))
-    # waste-free: 300 prior draws, then 30 chains moved once per move
-    assert result.forward_evaluations[0] == 300 + 30 * h.moves[0].sum()
+    # waste-free: 300 prior draws, then 30 chains moved once per move; the Kalman transport
+    # is probed on 30 particles and, when the probe's ESS passes, run on the other 270
+    probed = np.isfinite(h.transport_probe_ess[0])
+    full = probed & (h.transport_probe_ess[0] >= 0.8)
+    assert result.forward_evaluations[0] == (
+        300 + 30 * h.moves[0].sum() + 30 * probed.sum() + 270 * full.sum()
+    )
+    # linear-Gaussian: the transport takes every chain to t = 1 (most from the prior)
+    assert h.transported.any(axis=1).all() and np.all(h.t[h.transported == 1] == 1.0)
+    # and without it, the tempering stages get there too
+    plain = run_smc(problem, jax.random.PRNGKey(1), 300, 4, transport=False)
+    _check_linear_gaussian(args, y, problem, plain, 300)
+    assert plain.history.t.shape[1] > 2 and not plain.history.transported.any()
+    assert np.all(np.isnan(plain.history.transport_probe_ess))
     assert np.all(h.dt[:, -1] == 0) and np.all(h.sample_ess[:, -1] > 0)
     assert result.particles.shape == (4, 30 * (10 + h.moves[0, -1]), 5)
 
@@ -127,7 +139,8 @@ def test_dmc_step_matches_the_eki_controller():
 
 def test_dmc_schedule_linear_gaussian(linear):
     args, y, problem = linear
-    result = run_smc(problem, jax.random.PRNGKey(2), 300, 4, schedule="dmc")
+    # without the transport, which would take the prior to t = 1 in one step here
+    result = run_smc(problem, jax.random.PRNGKey(2), 300, 4, schedule="dmc", transport=False)
     _check_linear_gaussian(args, y, problem, result, 300)
     h = result.history
     assert np.all(h.t[:, -1] == 1.0)
@@ -263,7 +276,8 @@ def test_engine_smc_end_to_end():
     draws = 20 * (10 + extra)
     assert post["theta"].shape == (2, draws, 5)
     hist = group(idata, "ensemble_history")
-    for field in ("t", "dt", "ess", "moves", "acceptance_rw", "acceptance_kalman", "sample_ess"):
+    fields = ("t", "dt", "ess", "moves", "acceptance_rw", "acceptance_kalman", "sample_ess")
+    for field in (*fields, "transport_probe_ess", "transported"):
         assert field in hist
     assert float(hist["t"][0, -1]) == 1.0
     assert engine.log_evidence.shape == (2,)
@@ -271,7 +285,7 @@ def test_engine_smc_end_to_end():
 
 
 def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
-    """A run interrupted after its second stage's checkpoint and resumed ends exactly where
+    """A run interrupted after its first stage's checkpoint and resumed ends exactly where
     an uninterrupted run does (particles, evidence, history)."""
     from eki_infer.checkpoint import Checkpoint
 
@@ -283,14 +297,14 @@ def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
     saves = {"n": 0}
     original = Checkpoint.save_progress
 
-    def crash_after_second(self, group, loop_state):
+    def crash_after_first(self, group, loop_state):
         original(self, group, loop_state)
         saves["n"] += 1
-        if saves["n"] == 2:
+        if saves["n"] == 1:
             raise KeyboardInterrupt
 
     path = tmp_path / "smc.ckpt"
-    monkeypatch.setattr(Checkpoint, "save_progress", crash_after_second)
+    monkeypatch.setattr(Checkpoint, "save_progress", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         EKIInference(linear_gaussian.model, "smc", **options).run(
             jax.random.PRNGKey(4), *args, y=y, checkpoint=path
@@ -305,7 +319,9 @@ def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
     resumed = EKIInference(linear_gaussian.model, "smc", **options)
     resumed.resume(jax.random.PRNGKey(4), *args, y=y, checkpoint=path)
     stages = full.history.t.shape[1]
-    assert stages > 2 and resumed_saves == list(range(3, stages + 1))  # went on from stage 3
+    # the interruption falls after a transport (chain 0's first stage)
+    assert full.history.transported[0, 0] == 1
+    assert stages >= 2 and resumed_saves == list(range(2, stages + 1))
     np.testing.assert_array_equal(
         np.asarray(resumed.get_samples()["theta"]), np.asarray(full.get_samples()["theta"])
     )

@@ -1,0 +1,165 @@
+"""Kalman transport for tempered SMC: an affine map of π_t onto the Kalman estimate of
+π_1, weighted exactly.
+
+Why
+    Along the tempering path the ESS rule takes stages of Δt where the importance weights
+    exp(−Δt Φ) keep a fixed ESS fraction; for a nearly Gaussian posterior that is still
+    4-5 stages, each costing N forward evaluations, although one ensemble Kalman update
+    would land the population close to the posterior. Transporting the particles with
+    that update and correcting with exact importance weights keeps SMC exact while
+    skipping the stages the Kalman update already gets right (in the spirit of Sequential
+    Kalman Monte Carlo, Grumitt et al. 2024, arXiv:2407.07781, which uses EKI updates
+    inside SMC).
+
+What
+    From an equally weighted population at temperature t with mean μ, covariance C (as
+    :func:`eki_infer.smc.move_stats` regularises it), the statistically linearised
+    Gaussian update to temperature 1 (likelihood exp(−(1 − t) Φ), i.e. noise Γ/(1 − t))
+    has mean and covariance
+
+        μ' = μ − K ḡ,   K = C^{uG} (C^{GG} + I/Δ)^{-1},   C' = C − K C^{Gu},   Δ = 1 − t,
+
+    in whitened outputs g = Γ^{-1/2}(G(u) − y) (ḡ their mean). Both are computed in the
+    smaller of the data space (M × M) and the ensemble space (N × N, by the push-through
+    identity), never a larger matrix. The transport is the affine map
+
+        T(u) = μ' + A (u − μ),   A = L' L^{-1}   (C = L Lᵀ, C' = L' L'ᵀ),
+
+    a bijection with constant Jacobian det A. If u ~ π_t, then u' = T(u) has the density
+    π_t(T^{-1}u') / |det A|, so the weights
+
+        log w = log π̃_1(u') − log π̃_t(u) + log |det A|,   π̃_s(u) = N(u; 0, I) e^{−sΦ(u)},
+
+    make the weighted population target π_1 exactly and their mean estimates Z_1 / Z_t
+    (the log evidence stays unbiased in Z). For a linear forward map the weights are
+    constant up to the Monte-Carlo error of the moments; where the map is nonlinear their
+    ESS says how far the Gaussian update is off, and the sampler then falls back to an
+    ordinary tempering step.
+
+    The map is cross-fitted (:func:`cross_fitted_maps`): fitted on one half of the
+    population and applied to the other, so that each weight is an ordinary importance
+    weight for a map that does not depend on its particle.
+
+Limits
+    The weights judge only the particles the map produced: a region of π_1 the Gaussian
+    map leaves out is invisible to their ESS. The sampler therefore takes a transport only
+    at a high ESS (``transport_ess``, 0.8), where the posterior is close to Gaussian.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+__all__ = [
+    "TransportMap",
+    "apply_cross_fitted",
+    "cross_fitted_maps",
+    "kalman_transport_map",
+    "transport_log_weights",
+]
+
+
+class TransportMap(NamedTuple):
+    """T(u) = ``target_mean`` + (u − ``mean``) Aᵀ (rows), with log |det A| = ``log_det``."""
+
+    mean: jax.Array
+    target_mean: jax.Array
+    matrix: jax.Array
+    log_det: jax.Array
+
+
+def kalman_transport_map(
+    u, outputs, misfit, t, observations, noise, use, jitter: float = 1e-6
+) -> TransportMap:
+    """The transport map to temperature 1 fitted to the rows ``use`` (boolean (N,)) of
+    one population (``u`` (N, d), forward ``outputs`` (N, M), ``misfit`` (N,),
+    temperature ``t``); rows with a non-finite misfit are left out. The covariance is
+    regularised as :func:`eki_infer.smc.move_stats` does (C + εI, ε = jitter · tr C / d
+    + 1e-10)."""
+    ok = jnp.isfinite(misfit) & use
+    n = jnp.maximum(jnp.sum(ok), 1).astype(u.dtype)
+    w = ok / n
+    mean = w @ u
+    anomalies = jnp.where(ok[:, None], u - mean, 0.0) / jnp.sqrt(n)
+    d = u.shape[1]
+    eye = jnp.eye(d, dtype=u.dtype)
+    cov = anomalies.T @ anomalies
+    cov = 0.5 * (cov + cov.T)
+    cov = cov + (jitter * jnp.trace(cov) / d + 1e-10) * eye
+    g = noise.whiten(jnp.where(ok[:, None], outputs - observations, 0.0))
+    g_mean = w @ g
+    g_anomalies = jnp.where(ok[:, None], g - g_mean, 0.0) / jnp.sqrt(n)
+    delta = jnp.maximum(1.0 - t, 1e-300)
+    num, data_dim = g_anomalies.shape
+    if data_dim <= num:
+        # data space: R = GᵀG + I/Δ (M × M)
+        r = g_anomalies.T @ g_anomalies + jnp.eye(data_dim, dtype=u.dtype) / delta
+        chol_r = jnp.linalg.cholesky(r)
+        cross = anomalies.T @ g_anomalies  # C^{uG} (d, M)
+
+        def solve_r(b):
+            return jax.scipy.linalg.cho_solve((chol_r, True), b)
+
+        shift = cross @ solve_r(g_mean)
+        reduction = cross @ solve_r(cross.T)
+    else:
+        # ensemble space: (I + Δ G Gᵀ)^{-1} (N × N), by the push-through identity
+        s = jnp.eye(num, dtype=u.dtype) + delta * (g_anomalies @ g_anomalies.T)
+        chol_s = jnp.linalg.cholesky(s)
+        x = jax.scipy.linalg.cho_solve((chol_s, True), anomalies)  # (I + ΔS)^{-1} U
+        shift = delta * x.T @ (g_anomalies @ g_mean)
+        reduction = anomalies.T @ anomalies - anomalies.T @ x
+    target_cov = cov - reduction
+    target_cov = 0.5 * (target_cov + target_cov.T)
+    chol = jnp.linalg.cholesky(cov)
+    target_chol = jnp.linalg.cholesky(target_cov)
+    matrix = target_chol @ solve_triangular(chol, eye, lower=True)
+    log_det = jnp.sum(jnp.log(jnp.diagonal(target_chol))) - jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return TransportMap(mean, mean - shift, matrix, log_det)
+
+
+def cross_fitted_maps(u, outputs, misfit, t, observations, noise, fold, jitter: float = 1e-6):
+    """Two maps, ``maps[f]`` fitted to the rows whose ``fold`` (0 or 1, (N,)) is f; stacked
+    along a leading axis of 2. Each row is then moved by the map of the other fold
+    (:func:`apply_cross_fitted`), so that no particle is moved by a map fitted to itself.
+
+    Why: a map fitted to the particles it moves carries their own Monte-Carlo
+    fluctuations (the moved sample has exactly the target moments), and the mean weight
+    then overestimates Z_1 / Z_t (on the linear-Gaussian test problem with 300 particles
+    by several of its standard deviations); with the other fold's map each weight is an
+    ordinary importance weight."""
+    # lax.map, not vmap: no batched factorisation (see eki_infer.smc.move_stats)
+    return jax.lax.map(
+        lambda f: kalman_transport_map(
+            u, outputs, misfit, t, observations, noise, fold == f, jitter
+        ),
+        jnp.arange(2),
+    )
+
+
+def apply_cross_fitted(maps: TransportMap, u, fold):
+    """Rows ``u`` moved by the map of the other fold; returns ``(moved, log_det)`` per row.
+    A row whose map is not finite (a degenerate fold: too few finite particles) stays
+    where it is with log_det −∞, i.e. weight zero, so that the forward map never sees a
+    NaN parameter."""
+    other = 1 - fold
+    moved = maps.target_mean[other] + jnp.einsum(
+        "nab,nb->na", maps.matrix[other], u - maps.mean[other]
+    )
+    log_det = maps.log_det[other]
+    ok = jnp.all(jnp.isfinite(moved), axis=-1) & jnp.isfinite(log_det)
+    return jnp.where(ok[:, None], moved, u), jnp.where(ok, log_det, -jnp.inf)
+
+
+def transport_log_weights(u, misfit, t, moved, moved_misfit, log_det):
+    """log w = log π̃_1(T u) − log π̃_t(u) + log |det A| per row (−∞ where the moved
+    particle's forward map failed)."""
+    log_new = -0.5 * jnp.sum(moved**2, axis=-1) - moved_misfit
+    log_old = -0.5 * jnp.sum(u**2, axis=-1) - t * misfit
+    log_w = log_new - log_old + log_det
+    ok = jnp.isfinite(moved_misfit) & jnp.isfinite(misfit) & jnp.isfinite(log_det)
+    return jnp.where(ok, log_w, -jnp.inf)
