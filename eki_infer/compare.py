@@ -220,8 +220,8 @@ def _from_arviz(obj) -> MethodRun:
         evaluations = int(np.asarray(history["forward_evaluations"].values)[:, -1].sum())
         if "wall_time" in history:
             seconds = float(np.asarray(history["wall_time"].values)[:, -1].max())
-    elif "forward_evaluations" in _run_attrs(obj, posterior):
-        evaluations = int(_run_attrs(obj, posterior)["forward_evaluations"])
+    elif "forward_evaluations" in (attrs := _run_attrs(obj, posterior)):
+        evaluations = int(attrs["forward_evaluations"])
     return MethodRun(samples, evaluations, kind, seconds)
 
 

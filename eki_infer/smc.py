@@ -35,8 +35,9 @@ each stage
    The bar is high because one transport replaces several stages and its weights can
    only judge the particles it produced, not the regions its Gaussian map leaves out
    (see the measurements below).
-   With several chains the transport's batches evaluate every active chain's particles
-   when any chain needs them (one vmapped call), and all of those runs are counted.
+   With several chains the transport's batches run the forward map on every chain's
+   particles when any chain needs them (one vmapped call, as the moves do), and each
+   active chain counts them.
 2. **reweights and accumulates the evidence**: log Z += log Σ_i W_i exp(−Δt Φ_i);
 3. **resamples** systematically;
 4. **moves** particles with Metropolis–Hastings kernels that leave π_t invariant.
@@ -950,6 +951,9 @@ def run_smc(
         initial = saved["initial"]
         evaluations = np.asarray(saved["evaluations"]).copy()
         records = {name: list(rows) for name, rows in saved["records"].items()}
+        # a checkpoint from before the transport: its stages had none
+        for name, fill in (("transport_probe_ess", np.nan), ("transported", 0)):
+            records.setdefault(name, [np.full(num_chains, fill)] * len(records["t"]))
         rounds, first_stage = saved["rounds"], saved["stage"] + 1
         finished = saved.get("finished", False)
         start_time = time.perf_counter() - saved["wall_time"]

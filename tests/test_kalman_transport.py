@@ -1,6 +1,7 @@
 """The Kalman transport of tempered SMC: its map against the closed-form Gaussian update,
 in both the data-space and the ensemble-space form, and its cross-fitting."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,8 +70,10 @@ def test_map_is_the_gaussian_update(data_dim):
         noise,
         jnp.ones(num, bool),
     )
-    mean5, _, _ = _closed_form(u[5:], forward, variance, y, 1.0 - t)
+    mean5, cov5, prior5 = _closed_form(u[5:], forward, variance, y, 1.0 - t)
     np.testing.assert_allclose(partial.target_mean, mean5, rtol=1e-9, atol=1e-10)
+    a5 = np.asarray(partial.matrix)
+    np.testing.assert_allclose(a5 @ prior5 @ a5.T, cov5, rtol=1e-8, atol=1e-12)
 
 
 def test_cross_fitting_moves_each_fold_by_the_other_folds_map():
@@ -109,6 +112,16 @@ def test_weights_are_exact_importance_weights():
     expected0 = (-0.5 * (0.01 + 0.04) - 0.5) - (-0.5 * (0.25 + 1.0) - 0.25 * 3.0) + 0.7
     assert float(log_w[0]) == pytest.approx(expected0, rel=1e-12)
     assert float(log_w[1]) == -np.inf
+    # at t = 0 the source density is the prior's: a prior draw whose own run failed
+    # (misfit +∞) still carries its image's weight
+    failed_source = transport_log_weights(u, jnp.array([jnp.inf, 1.0]), 0.0, moved, misfit, 0.7)
+    expected = (-0.5 * (0.01 + 0.04) - 3.0) - (-0.5 * (0.25 + 1.0)) + 0.7
+    assert float(failed_source[0]) == pytest.approx(expected, rel=1e-12)
+    # at t > 0 such a particle has no density under π_t: weight zero
+    assert (
+        float(transport_log_weights(u, jnp.array([jnp.inf, 1.0]), 0.5, moved, misfit, 0.7)[0])
+        == -np.inf
+    )
 
 
 def test_a_non_finite_map_leaves_its_rows_in_place_with_zero_weight():
@@ -128,3 +141,52 @@ def test_a_non_finite_map_leaves_its_rows_in_place_with_zero_weight():
     assert np.all(np.asarray(log_det)[rows0] == -np.inf)
     np.testing.assert_allclose(np.asarray(moved)[~rows0], 0.5 * np.asarray(u)[~rows0] + [0.5, -0.5])
     np.testing.assert_allclose(np.asarray(log_det)[~rows0], 2 * np.log(0.5))
+
+
+def test_transport_and_resample_updates_the_evidence_and_resamples_the_images():
+    """log Z gains log Σ W_i w_i; the resampled population is made of the moved particles
+    with their outputs and misfits, at t = 1 and equal weights."""
+    from eki_infer.smc import SMCState, transport_and_resample
+
+    rng = np.random.default_rng(4)
+    n, d, m = 50, 2, 3
+    u = jnp.asarray(rng.normal(size=(n, d)))
+    outputs = jnp.asarray(rng.normal(size=(n, m)))
+    y = jnp.zeros(m)
+    noise = DiagonalNoise(jnp.full(m, 0.5))
+    misfit = 0.5 * jnp.sum(outputs**2 / 0.5, axis=1)
+    state = SMCState(
+        particles=u,
+        outputs=outputs,
+        misfit=misfit,
+        log_weights=jnp.full(n, -np.log(n)),
+        t=jnp.asarray(0.25),
+        log_z=jnp.asarray(-1.5),
+        rw_scale=jnp.asarray(1.0),
+        kalman_step=jnp.asarray(0.5),
+        p_kalman=jnp.asarray(0.5),
+    )
+    moved = 0.8 * u + 0.1
+    moved_outputs = jnp.asarray(rng.normal(size=(n, m)))
+    new, ess, finite = transport_and_resample(
+        jax.random.PRNGKey(0), state, moved, moved_outputs, jnp.full(n, np.log(0.64)), y, noise
+    )
+    moved_misfit = 0.5 * np.sum(np.asarray(moved_outputs) ** 2 / 0.5, axis=1)
+    log_w = (
+        -0.5 * np.sum(np.asarray(moved) ** 2, 1)
+        - moved_misfit
+        + 0.5 * np.sum(np.asarray(u) ** 2, 1)
+        + 0.25 * np.asarray(misfit)
+        + np.log(0.64)
+    )
+    expected_increment = np.log(np.mean(np.exp(log_w)))
+    assert float(new.log_z) == pytest.approx(-1.5 + expected_increment, rel=1e-10)
+    w = np.exp(log_w - log_w.max())
+    assert float(ess) == pytest.approx(w.sum() ** 2 / (w**2).sum() / n, rel=1e-10)
+    assert int(finite) == n and float(new.t) == 1.0
+    rows = [
+        int(np.argmin(np.sum((np.asarray(moved) - p) ** 2, 1))) for p in np.asarray(new.particles)
+    ]
+    np.testing.assert_allclose(new.particles, np.asarray(moved)[rows])
+    np.testing.assert_allclose(new.misfit, moved_misfit[rows], rtol=1e-12)
+    np.testing.assert_allclose(new.log_weights, -np.log(n))

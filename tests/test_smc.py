@@ -100,12 +100,14 @@ def test_linear_gaussian_posterior_and_evidence(linear):
     # row, the extension at t = 1, has none when the ESS target was met without moves)
     kalman = h.acceptance_kalman
     assert np.all((kalman > 0.7) | (np.isnan(kalman) & (h.moves == 0)))
-    # waste-free: 300 prior draws, then 30 chains moved once per move; the Kalman transport
-    # is probed on 30 particles and, when the probe's ESS passes, run on the other 270
-    probed = np.isfinite(h.transport_probe_ess[0])
-    full = probed & (h.transport_probe_ess[0] >= 0.8)
-    assert result.forward_evaluations[0] == (
-        300 + 30 * h.moves[0].sum() + 30 * probed.sum() + 270 * full.sum()
+    # waste-free, one chain: 300 prior draws, then 30 chains moved once per move; the
+    # Kalman transport is probed on 30 particles and, when the probe's ESS passes, run on
+    # the other 270
+    alone = run_smc(problem, jax.random.PRNGKey(1), 300, 1).history
+    probed = np.isfinite(alone.transport_probe_ess[0])
+    full = probed & (alone.transport_probe_ess[0] >= 0.8)
+    assert alone.forward_evaluations[0, -1] == (
+        300 + 30 * alone.moves[0].sum() + 30 * probed.sum() + 270 * full.sum()
     )
     # linear-Gaussian: the transport takes every chain to t = 1 (most from the prior)
     assert h.transported.any(axis=1).all() and np.all(h.t[h.transported == 1] == 1.0)
@@ -210,6 +212,10 @@ def test_exp_sine_against_quadrature():
     assert np.max(np.abs(main.mean(0) - mean) / sd) < 0.1
     assert np.max(np.abs(main.std(0) / sd - 1)) < 0.1
     assert np.mean(draws[..., 0] < 0) < 0.03
+    # far from Gaussian: the Kalman transport is probed but never taken
+    h = result.history
+    assert not h.transported.any() and np.nanmax(h.transport_probe_ess) < 0.8
+    assert np.isfinite(h.transport_probe_ess).sum() >= 4
 
 
 def test_failures_get_zero_weight_and_clear_error():
@@ -319,14 +325,15 @@ def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
     resumed = EKIInference(linear_gaussian.model, "smc", **options)
     resumed.resume(jax.random.PRNGKey(4), *args, y=y, checkpoint=path)
     stages = full.history.t.shape[1]
-    # the interruption falls after a transport (chain 0's first stage)
-    assert full.history.transported[0, 0] == 1
+    # the interruption falls after chain 0's transport to t = 1 and in chain 1's tempering
+    assert full.history.transported[0, 0] == 1 and full.history.t[1, 0] < 1
     assert stages >= 2 and resumed_saves == list(range(2, stages + 1))
     np.testing.assert_array_equal(
         np.asarray(resumed.get_samples()["theta"]), np.asarray(full.get_samples()["theta"])
     )
     np.testing.assert_array_equal(resumed.log_evidence, full.log_evidence)
-    for name in ("t", "dt", "ess", "moves", "forward_evaluations"):
+    fields = ("t", "dt", "ess", "moves", "forward_evaluations", "transported")
+    for name in (*fields, "transport_probe_ess"):
         np.testing.assert_array_equal(getattr(resumed.history, name), getattr(full.history, name))
 
 
