@@ -65,8 +65,18 @@ __all__ = [
     "apply_cross_fitted",
     "cross_fitted_maps",
     "kalman_transport_map",
+    "regularised_covariance",
     "transport_log_weights",
 ]
+
+
+def regularised_covariance(cov, jitter: float):
+    """``cov`` symmetrised plus εI, ε = jitter · tr C / d + 1e-10: positive definite however
+    few distinct particles there are. The one regularisation of SMC's population
+    covariances (proposals and transport alike)."""
+    d = cov.shape[0]
+    cov = 0.5 * (cov + cov.T)
+    return cov + (jitter * jnp.trace(cov) / d + 1e-10) * jnp.eye(d, dtype=cov.dtype)
 
 
 class TransportMap(NamedTuple):
@@ -84,18 +94,14 @@ def kalman_transport_map(
     """The transport map to temperature 1 fitted to the rows ``use`` (boolean (N,)) of
     one population (``u`` (N, d), forward ``outputs`` (N, M), ``misfit`` (N,),
     temperature ``t``); rows with a non-finite misfit are left out. The covariance is
-    regularised as :func:`eki_infer.smc.move_stats` does (C + εI, ε = jitter · tr C / d
-    + 1e-10)."""
+    regularised as the proposals' is (:func:`regularised_covariance`)."""
     ok = jnp.isfinite(misfit) & use
     n = jnp.maximum(jnp.sum(ok), 1).astype(u.dtype)
     w = ok / n
     mean = w @ u
     anomalies = jnp.where(ok[:, None], u - mean, 0.0) / jnp.sqrt(n)
-    d = u.shape[1]
-    eye = jnp.eye(d, dtype=u.dtype)
-    cov = anomalies.T @ anomalies
-    cov = 0.5 * (cov + cov.T)
-    cov = cov + (jitter * jnp.trace(cov) / d + 1e-10) * eye
+    eye = jnp.eye(u.shape[1], dtype=u.dtype)
+    cov = regularised_covariance(anomalies.T @ anomalies, jitter)
     g = noise.whiten(jnp.where(ok[:, None], outputs - observations, 0.0))
     g_mean = w @ g
     g_anomalies = jnp.where(ok[:, None], g - g_mean, 0.0) / jnp.sqrt(n)

@@ -206,6 +206,7 @@ from jax.scipy.special import logsumexp
 from eki_infer.kalman_transport import (
     apply_cross_fitted,
     cross_fitted_maps,
+    regularised_covariance,
     transport_log_weights,
 )
 from eki_infer.keys import chain_keys, fold_keys
@@ -533,9 +534,7 @@ def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> Mo
     gbar = w @ gw
     dg = jnp.where(ok[:, None], gw - gbar, 0.0)
     d = u.shape[1]
-    cov = du.T @ du / n
-    cov = 0.5 * (cov + cov.T)
-    cov = cov + (jitter * jnp.trace(cov) / d + 1e-10) * jnp.eye(d, dtype=u.dtype)
+    cov = regularised_covariance(du.T @ du / n, jitter)
     chol = jnp.linalg.cholesky(cov)
     chol_inv = solve_triangular(chol, jnp.eye(d, dtype=u.dtype), lower=True)
     cross = du.T @ dg / n
@@ -713,14 +712,16 @@ def _compile(problem, rebuild, options):
         forward = forward_rows(data)
         return jax.vmap(lambda k: init(k, n, problem.dim, forward, observations, noise))(keys)
 
+    def population_stats(states, observations, noise):
+        # One chain at a time: no chain-batched LAPACK call (see move_stats).
+        return jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), states)
+
     def stage_start(keys, states, active, observations, noise):
         new, dt, ess, finite = jax.vmap(
             lambda k, s: reweight_and_resample(k, s, options["ess_target"], options["schedule"])
         )(keys, states)
         new = _keep_inactive(new, states, active)
-        # One chain at a time: no chain-batched LAPACK call (see move_stats).
-        stats = jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), new)
-        return new, stats, dt, ess, finite
+        return new, population_stats(new, observations, noise), dt, ess, finite
 
     def move_chains(keys, states, stats, active, data, observations, noise):
         kw = {
@@ -744,6 +745,12 @@ def _compile(problem, rebuild, options):
         heads = jax.vmap(_take_rows)(states, rows)
         return heads, _with_start(stats, heads)
 
+    def transport_rows(states, maps, rows, folds, data):
+        """Rows ``rows`` of every chain moved by the other fold's map, and their outputs."""
+        u = states.particles[:, rows]
+        moved, log_det = jax.vmap(apply_cross_fitted, in_axes=(0, 0, None))(maps, u, folds[rows])
+        return moved, jax.vmap(forward_rows(data))(moved), log_det
+
     def transport_probe(states, rows, folds, data, observations, noise):
         # One chain at a time for the factorisations (see move_stats).
         maps = jax.lax.map(
@@ -752,9 +759,8 @@ def _compile(problem, rebuild, options):
             ),
             states,
         )
+        moved, outputs, log_det = transport_rows(states, maps, rows, folds, data)
         u = states.particles[:, rows]
-        moved, log_det = jax.vmap(apply_cross_fitted, in_axes=(0, 0, None))(maps, u, folds[rows])
-        outputs = jax.vmap(forward_rows(data))(moved)
         phi = jax.vmap(lambda g: _misfit(g, observations, noise))(outputs)
         log_w = jax.vmap(transport_log_weights)(
             u, states.misfit[:, rows], states.t, moved, phi, log_det
@@ -764,20 +770,14 @@ def _compile(problem, rebuild, options):
 
     def transport_finish(keys, states, maps, probe, rows, folds, data, y, noise):
         # the rows before the probe (the probe is the population's last block)
-        u = states.particles[:, rows]
-        moved, log_det = jax.vmap(apply_cross_fitted, in_axes=(0, 0, None))(maps, u, folds[rows])
-        outputs = jax.vmap(forward_rows(data))(moved)
-        moved = jnp.concatenate([moved, probe[0]], axis=1)
-        outputs = jnp.concatenate([outputs, probe[1]], axis=1)
-        log_det = jnp.concatenate([log_det, probe[2]], axis=1)
+        rest = transport_rows(states, maps, rows, folds, data)
+        moved, outputs, log_det = (
+            jnp.concatenate([a, b], axis=1) for a, b in zip(rest, probe, strict=True)
+        )
         new, ess, finite = jax.vmap(
             lambda k, s, m, g, ld: transport_and_resample(k, s, m, g, ld, y, noise)
         )(keys, states, moved, outputs, log_det)
-        stats = jax.lax.map(lambda s: move_stats(s, y, noise, options["jitter"]), new)
-        return new, stats, ess, finite
-
-    def population_stats(states, observations, noise):
-        return jax.lax.map(lambda s: move_stats(s, observations, noise, options["jitter"]), states)
+        return new, population_stats(new, y, noise), ess, finite
 
     return (
         jax.jit(init_chains, static_argnums=1),
