@@ -166,28 +166,34 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
 - ``num_particles`` 1000: at 1000 particles (and a final ESS of 800) the Monte-Carlo
   error alone brings the worst parameter of the worst seed close to 0.1 sd. For a
   guaranteed 0.1 sd use more particles or several chains; the cost grows in proportion.
-- Known limitation, exp_sine: the posterior has a mirror mode (amplitude < 0) of 0.7-2.3 %
-  of the mass. Waste-free SMC lost it on all three seeds (resample-move: 0-3.7 %), so
-  the whole posterior's amplitude sd is off by up to 0.37 (0.46), while the main mode is
-  accurate (means within 0.072 sd, sds within 8.4 %). ``benchmarks/smc_mirror_mode.py``
-  follows the mirror mass stage by stage (data seed 1, 8 keys): with the Kalman proposal
-  in the mix it falls behind the exact mass from the second stage on (at t = 1: 0.62 %
-  waste-free, 0.61 % resample-move, against 2.27 %). The Kalman proposal points the few
-  particles on that side at the main mode, where the MH ratio rejects them, so they stay
-  put while their mode contracts and are weighted out. With random-walk moves only,
-  resample-move keeps the mass on average (2.31 %), but one run ranges over 0.2-6.3 %,
-  and waste-free SMC's 100 chains give 0-6 %. That spread is the sampler's, not the
-  sample size's: 1000 independent exact draws get the amplitude sd within 10 % in
-  92-94 % of sets (median error 0.04). Each stage's resampling adds noise to a mode's
-  weight that no move can average out when no move crosses between modes (the same
-  Σ_k (1/ESS_k − 1)/N that sets the log evidence's variance), so keeping a 1-2 % mode
-  to 10 % would take a much finer schedule or moves between modes. NUTS (one chain,
-  1000 draws) had no mirror draws on any of the three seeds either. Moves between modes
-  were tried and not kept: a mode-jumping move (Tjelmeland & Hegstad 2001: an affine
-  involution between the components of a Gaussian mixture fitted to each stage's
-  population, with its exact MH ratio) did not keep the mirror mass, because by the time
-  the modes separate the mirror holds too few particles to form a component, and once it
-  is empty no jump leads back.
+- Known limitation, exp_sine: the posterior has a mirror mode (amplitude < 0) of
+  0.7-2.3 % of the mass. Waste-free SMC lost it on all three seeds (resample-move:
+  0-3.7 %), so the whole posterior's amplitude sd is off by up to 0.37 (0.46), while the
+  main mode is accurate (means within 0.072 sd, sds within 8.4 %).
+  ``benchmarks/smc_mirror_mode.py`` follows the mirror mass stage by stage (data seed 1,
+  8 keys) and, for each stage, the mirror's share of the weights its reweighting gives
+  the previous stage's particles. The mass is lost in the reweightings, not in the moves
+  (applied to exact draws from π_t, the kernels keep the mirror's share). With the
+  defaults the second stage (t ≈ 0.01 → 0.08) gives the 9-31 particles on the mirror
+  side 0.04-2.6 % of the weight (exact 1.9 %): the first stage moved them along 100
+  short chains, and the Kalman proposal points them at the main mode, where the MH ratio
+  rejects the move. Resample-move with random-walk moves only spreads all 1000 particles
+  without that pull and gets 0.98-2.8 % there, but each later reweighting of so few
+  particles widens the spread again (0.2-6.3 % at t = 1, mean 2.31 %), while 1000
+  independent exact draws get the amplitude sd within 10 % in 92-94 % of sets (median
+  error 0.04). Finer schedules make waste-free SMC worse: each stage resamples only
+  N / P = 100 starting points, of which the mirror gets about two, and once it gets none
+  it is gone (``ess_target`` 0.85: 0 % on all 8 keys; 0.6: 0-17 %). Keeping a 1-2 % mode
+  to 10 % would take many more particles on its side or moves between modes. Two
+  remedies were tried and not kept. A mode-jumping move (Tjelmeland & Hegstad 2001: an
+  affine involution between the components of a Gaussian mixture fitted to each stage's
+  population, with its exact MH ratio) failed because by the time the modes separate the
+  mirror holds too few particles to form a component, and once it is empty no jump leads
+  back. Resampling stratified by separated modes (each mode kept at ≥ 10 % of the
+  particles, its mass carried in the weights) did not change the table either: the two
+  groups are separated (Ashman's D ≥ 4 along the line through their centres) only after
+  the second stage's reweighting has already set the mirror's weight. NUTS (one chain,
+  1000 draws) had no mirror draws on any of the three seeds either.
 """
 
 from __future__ import annotations
