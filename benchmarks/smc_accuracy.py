@@ -561,17 +561,19 @@ def readme_section(results, meta):
         '`method="smc"` is tempered sequential Monte Carlo from the prior to the posterior,',
         "along the same path EKI takes. At each stage Δt is picked by bisection so that the",
         f"ESS of the incremental weights is {ess_target} times its Δt → 0⁺ value",
-        '(`schedule="dmc"` uses the data-misfit controller instead; see',
+        '(`smc_options={"schedule": "dmc"}` uses the data-misfit controller instead; see',
         "`benchmarks/results/smc_schedule_study.md`). The particles are reweighted; N / 10",
         "of them are resampled systematically and each starts a Metropolis–Hastings chain",
         "of 10 states, all of which form the next population (waste-free SMC, Dau & Chopin",
         "2022). At t = 1 the chains run on until the population's effective sample size,",
-        "estimated from the spread of the chain means, reaches 0.8 N.",
+        "estimated from the spread of the chain means, reaches 0.8 N or stops growing.",
         "It needs no derivatives, runs the forward map once per move for all chains, gives",
         "the log evidence, and is exact as the particle count grows. The moves mix a random",
-        "walk with the population covariance and a Kalman proposal (a Crank–Nicolson step",
+        "walk with the population covariance, a Kalman proposal (a Crank–Nicolson step",
         "around the ensemble-Kalman estimate of the posterior mean, accepted with its exact",
-        "MH ratio). Where the ESS step stops short of t = 1, a Kalman transport to t = 1",
+        "MH ratio) and an independence proposal from a t fitted to the population (one t",
+        "per separated group of particles). Where the ESS step stops short of t = 1, a",
+        "Kalman transport to t = 1",
         "(the affine map onto the ensemble-Kalman update, exactly weighted) replaces the",
         f"remaining stages when its ESS fraction reaches {transport_ess}.",
         '`smc_options={"waste_free": False}` gives the resample-move variant',
@@ -588,8 +590,9 @@ def readme_section(results, meta):
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        "- **EKI / UKI**: cheapest (1–5 % of NUTS). Use them when the posterior is close to",
-        "  Gaussian: linear or mildly nonlinear maps with informative data. Check that with",
+        "- **EKI / UKI**: cheapest (see `posterior_accuracy.md`). Use them when the posterior",
+        "  is close to Gaussian: linear or mildly nonlinear maps with informative data. Check",
+        "  that with",
         "  `eki_infer.diagnostics.gaussian_approximation_check(engine)`.",
         "- **SMC**: use it when you need calibrated posteriors (hierarchical or heavy-tailed",
         "  priors, nonlinear maps) or the evidence. Here it cost "
@@ -601,7 +604,7 @@ def readme_section(results, meta):
     if missed:
         text.append(
             f"- Missed the 0.1 sd / 10 % target: {', '.join(missed)} (see `smc_accuracy.md`; "
-            "exp_sine: the weight of its ~1–2 % mirror mode)."
+            "exp_sine: the weight of its 0.7–2.3 % mirror mode)."
         )
     return "\n".join(text) + "\n"
 
@@ -621,7 +624,10 @@ def smc_tuning_text(overrides=None) -> str:
             names += ["transport_ess"]
     else:
         names += ["min_moves", "max_moves", "corr_threshold"]
+    names += ["p_kalman", "p_independent"]
     text = ", ".join(f"{k} {shown[k]}" for k in names)
+    text = text.replace("p_kalman None", "p_kalman adapted")
+    text = text.replace("p_independent None", "p_independent adapted")
     return text.replace("final_ess None", "final_ess 0.8 N")
 
 

@@ -57,6 +57,7 @@ def variants(particles: int) -> dict:
         "ess_target 0.1": {"ess_target": 0.1},
         "no transport": {"transport": False},
         "transport_ess 0.5": {"transport_ess": 0.5},
+        "no independence proposal": {"p_independent": 0.0},
     }
 
 

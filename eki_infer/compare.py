@@ -280,7 +280,8 @@ def _default_name(result, index: int) -> str:
 
 
 def _named_results(results) -> dict:
-    if isinstance(results, Mapping) and not _looks_like_samples(results):
+    # an InferenceData / DataTree is a Mapping of groups, but it is one result
+    if isinstance(results, Mapping) and not _is_arviz(results) and not _looks_like_samples(results):
         return dict(results)
     if isinstance(results, (list, tuple)):
         items = list(results)

@@ -92,6 +92,8 @@ def to_arviz(
         )
         if history:
             tree["ensemble_history"] = history_dataset(history)
+            tree["ensemble_history"].attrs.update(attrs)
+        tree.attrs.update(attrs)  # the root too, so that tree.attrs answers as on 0.x
         return tree
 
     idata = az.from_dict(**groups, coords=coords, dims=dims, attrs=attrs)

@@ -18,13 +18,15 @@ One iteration, for all chains at once:
 
 Chains are independent ensembles. Chain c draws from ``fold_in(rng_key, c)`` and
 iteration n of chain c from ``fold_in(chain_key, n)``, so the same key gives the same
-result bit for bit and chain 0 is the same whatever ``num_chains`` is. Chains that
+result bit for bit and chain 0 is the same whatever ``num_chains`` is (SMC: up to
+the length of its final extension, which runs until every chain is done). Chains that
 finish early (the data-misfit controller reached T) are frozen by Δt = 0 while the
 others go on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 from typing import NamedTuple
@@ -199,16 +201,8 @@ class EKIInference:
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
         self.smc_options = dict(smc_options or {})
-        if method == "smc" and self.smc_options.get("waste_free", True):
-            length = int(self.smc_options.get("chain_length", 10))
-            particles = 1000 if self.ensemble_size is None else self.ensemble_size
-            if particles % length or particles < 2 * length:
-                raise ValueError(
-                    f"method='smc' runs ensemble_size / chain_length waste-free Markov chains: "
-                    f"ensemble_size ({particles}) must be a multiple of chain_length "
-                    f"({length}), at least twice it (or pass smc_options={{'waste_free': "
-                    "False}})."
-                )
+        if method == "smc":
+            self._check_smc_options(scheduler, keep_path, chain_method)
         self.blas_threads = None if blas_threads is None else int(blas_threads)
         self.log_evidence = None
         self.problem = None
@@ -217,6 +211,54 @@ class EKIInference:
         self._samples = None
         self._final_state = None
         self._compiled = {}
+
+    def _check_smc_options(self, scheduler, keep_path, chain_method):
+        """Refuses, when the engine is built, the options method='smc' would otherwise
+        ignore and any bad ``smc_options`` (named as such)."""
+        from eki_infer.smc import check_options
+
+        ignored = {
+            "scheduler": (
+                scheduler is not None,
+                "SMC picks its own tempering steps; pass "
+                "smc_options={'schedule': 'dmc'} for the data-misfit controller",
+            ),
+            "keep_path": (
+                keep_path,
+                "SMC keeps no ensemble path; its per-stage record is the ensemble_history group",
+            ),
+            "chain_method": (
+                chain_method != "vectorized",
+                "SMC runs its chains side by side in one batch",
+            ),
+        }
+        for name, (given, why) in ignored.items():
+            if given:
+                raise ValueError(f"{name} does not apply to method='smc': {why}.")
+        engine_owned = {
+            "max_stages": "max_iterations",
+            "progress_bar": "progress_bar",
+            "checkpoint": "run(..., checkpoint=...)",
+        }
+        for name in sorted(set(self.smc_options) & set(engine_owned)):
+            raise ValueError(
+                f"smc_options[{name!r}] is set through the engine's {engine_owned[name]}."
+            )
+        particles = 1000 if self.ensemble_size is None else self.ensemble_size
+        length = self.smc_options.get("chain_length", 10)
+        waste_free = self.smc_options.get("waste_free", True)
+        if waste_free and isinstance(length, int) and length >= 2:
+            if particles % length or particles < 2 * length:
+                raise ValueError(
+                    f"method='smc' runs ensemble_size / chain_length waste-free Markov "
+                    f"chains: ensemble_size ({particles}) must be a multiple of chain_length "
+                    f"({length}), at least twice it (or pass "
+                    "smc_options={'waste_free': False})."
+                )
+        try:
+            check_options(particles, self.num_chains, self.max_iterations, **self.smc_options)
+        except ValueError as err:
+            raise ValueError(f"smc_options: {err}") from None
 
     # ------------------------------------------------------------------ set-up
     def _make_process(self, dim: int):
@@ -345,7 +387,13 @@ class EKIInference:
             self.uki_mode,
             self.keep_path,
         )
-        return (options, repr(scheduler), repr(problem), key_fingerprint(rng_key))
+        return (
+            options,
+            repr(scheduler),
+            repr(problem),
+            _data_digest(problem),
+            key_fingerprint(rng_key),
+        )
 
     def _run_chains(
         self, rng_key, chain_ids, problem, process, scheduler, steps, data, checkpoint, group
@@ -486,7 +534,7 @@ class EKIInference:
         evidence per chain is ``self.log_evidence`` and the ``log_evidence`` attribute
         (mean over chains). A checkpoint is written after every stage and resumed as
         for the other methods."""
-        from eki_infer.smc import run_smc
+        from eki_infer.smc import SMCError, run_smc
 
         num = self.ensemble_size or 1000
         checkpoint = None
@@ -495,21 +543,25 @@ class EKIInference:
                 ("smc", num, self.num_chains, self.max_iterations),
                 repr(sorted(self.smc_options.items())),
                 repr(problem),
+                _data_digest(problem),
                 key_fingerprint(rng_key),
             )
             checkpoint = Checkpoint(checkpoint_path, fingerprint)
             if resume:
                 checkpoint.load()
-        result = run_smc(
-            problem,
-            rng_key,
-            num,
-            self.num_chains,
-            max_stages=self.max_iterations,
-            progress_bar=self.progress_bar,
-            checkpoint=checkpoint,
-            **self.smc_options,
-        )
+        try:
+            result = run_smc(
+                problem,
+                rng_key,
+                num,
+                self.num_chains,
+                max_stages=self.max_iterations,
+                progress_bar=self.progress_bar,
+                checkpoint=checkpoint,
+                **self.smc_options,
+            )
+        except SMCError as error:
+            raise _with_simulator_errors(error, active_executor()) from None
         self.history = result.history
         self.log_evidence = result.log_evidence
         self._final_state = result.state
@@ -623,6 +675,27 @@ class EKIInference:
     def posterior_group(self):
         """The posterior as an xarray Dataset, whatever the ArviZ line."""
         return group(self.inference_data, "posterior")
+
+
+def _data_digest(problem) -> str:
+    """SHA-256 of the observations and of the model's numeric arguments: a checkpoint
+    written for other data (the problem's repr shows only their shapes) must not be
+    resumed as if it were this run's."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves(
+        (problem.observations, problem.model_args, problem.model_kwargs)
+    )
+    for leaf in leaves:
+        try:
+            array = np.asarray(leaf)
+        except Exception:  # a non-numeric argument (a function, say): its repr counts
+            array = None
+        if array is None or array.dtype == object:
+            digest.update(repr(leaf).encode())
+            continue
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _with_simulator_errors(error, executor):

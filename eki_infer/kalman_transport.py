@@ -4,7 +4,8 @@
 Why
     Along the tempering path the ESS rule takes stages of Δt where the importance weights
     exp(−Δt Φ) keep a fixed ESS fraction; for a nearly Gaussian posterior that is still
-    4-5 stages, each costing N forward evaluations, although one ensemble Kalman update
+    4-5 stages, each costing N − N / P forward evaluations (waste-free, P the chain
+    length), although one ensemble Kalman update
     would land the population close to the posterior. Transporting the particles with
     that update and correcting with importance weights keeps SMC consistent while
     skipping the stages the Kalman update already gets right (in the spirit of Sequential

@@ -48,12 +48,13 @@ each stage
    whatever the mixing, and no move's output is thrown away. ``waste_free=False``
    (resample-move): all N are resampled and every particle is moved until the
    decorrelation criterion below holds.
-   The population's statistics (mean μ, covariance C + εI with Cholesky factor L, and
-   the cross-covariance C^{uG} of parameters and outputs) are computed once after
-   resampling and kept fixed during the stage, so each proposal is a fixed kernel.
-   Each particle picks, independently of its state, one of two proposals (a mixture of
-   π_t-reversible kernels is π_t-reversible); the Kalman proposal's probability is
-   adapted after each move to its share of the expected squared jump distance:
+   The population's statistics (mean μ, covariance C + εI with Cholesky factor L, the
+   cross-covariance C^{uG} of parameters and outputs, and a t component per separated
+   group of particles) are computed once after resampling and kept fixed during the
+   stage, so each proposal is a fixed kernel. Each particle picks, independently of its
+   state, one of three proposals (a mixture of π_t-reversible kernels is
+   π_t-reversible); their probabilities are adapted after each move to their shares of
+   the expected squared jump distance (ESJD, in L-coordinates; :func:`move`):
 
    (a) *random walk* with the population covariance: u' = u + s L ξ, symmetric, so the
        MH ratio is π_t(u')/π_t(u). The scale s is adapted after every move towards an
@@ -90,6 +91,18 @@ each stage
    max(``corr_threshold`` (0.2), 3/√N) (the second term: the noise floor of a sample
    correlation), with at least ``min_moves`` (1) and at most ``max_moves`` (10) moves.
 
+   (c) *independence proposal*: a draw from a multivariate t (10 degrees of freedom)
+       fitted to the population, u' = μ_k + L_k ξ sqrt(10 / χ²₁₀), with MH ratio
+       π_t(u') q(u) / (π_t(u) q(u')). When the population falls into two separated
+       groups (:mod:`eki_infer.population_groups`: the best-separated 2-means split,
+       Ashman's D ≥ 3, each group at least d + 2 particles) q is a mixture of one t per
+       group, weighted by the groups' shares, so it proposes where the particles are
+       and moves them between the groups as easily as within them; otherwise it is one
+       t with the population's mean and covariance. Where the population describes π_t
+       well it gives nearly independent draws; where it does not (a curved ridge) its
+       acceptance is low, and below ``independent_acceptance`` (0.2) its ESJD does not
+       count, so it keeps only a floor of 0.02 of the moves.
+
 5. **at t = 1 (waste-free)** the M chains run on, every state kept, until the
    population's effective sample size reaches ``final_ess`` (0.8 N) or stops growing.
    :func:`chain_ess` estimates it from the spread of the chain means, for every
@@ -97,11 +110,12 @@ each stage
    Var(chain means), i.e. the variance of the population mean expressed as a number of
    independent draws. The chains start from a resampled population, so they are as
    good as independent draws from π_1 at their start, apart from duplicated ancestors
-   (which lower the estimate). Chains in separate modes never mix, so there the ESS
-   levels off near M, and chains in a region the proposals barely leave (the neck of a
-   funnel) hold it down too; the extension also stops when the ESS grew by less than
-   25 % while the chains doubled in length (more moves would not change those regions'
-   weights, which the reweighting set), and after ``max_final_moves`` (200). The
+   (which lower the estimate). Chains in separate modes that no proposal crosses never
+   mix, so there the ESS levels off near M, and chains in a region the proposals barely
+   leave (the neck of a funnel) hold it down too; the extension also stops when the ESS
+   grew by less than 25 % while the chains doubled in length (then the regions' weights
+   are those the reweightings set, and the run warns that the target was missed), and
+   after ``max_final_moves`` (200). The
    extension is the history's last row (dt = 0), and the result holds M × (P + extra
    moves) draws per chain.
 
@@ -129,75 +143,86 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
 
 - ``waste_free=True``, ``chain_length`` 10, ``final_ess`` 0.8 N
   (``benchmarks/smc_waste_free_study.py``, ``smc_waste_free_study.md``; every variant
-  there has the transport unless it says otherwise). Against resample-move with the
-  same keys and schedule, waste-free SMC needed 0.30-0.79 × the evaluations on the five
-  models other than exp_sine (35,000 vs 66,667 summed over them; exp_sine 6,100 vs
-  23,000), at most 0.86 × NUTS's gradients on any seed where resample-move went up to
-  1.59 ×, and met 0.1 sd / 10 % on every seed of all five (resample-move: four; an
-  eight_schools sd was 11 % off). A stage of either variant is limited by its ESS step,
-  not by its moves; waste-free SMC pays N − M evaluations per stage instead of N per
-  move. The sequential rounds are 18-150 (resample-move: 11-33), still about 100 ×
-  fewer than NUTS's 11,000-51,000. ``chain_length`` 5 (200 chains of 5) stopped the
-  final extension too early on eight_schools (short, slowly mixing chains gain ESS
-  slowly, which looks like a stall; mean error 0.147 sd); 20 (50 chains of 20) left
-  lorenz96 0.208 sd off. ``final_ess`` 0.5 N saved 25 % of the evaluations but left sir
-  at 0.104 sd; N cost 11 % more for the same errors (eight_schools up to 0.96 × NUTS).
+  there has the transport and the independence proposal unless it says otherwise).
+  Against resample-move with the same keys and schedule, waste-free SMC needed
+  0.28-0.62 × the evaluations (28,867 vs 54,333 summed over the five models other than
+  exp_sine; exp_sine 7,200 vs 12,333), at most 0.82 × NUTS's gradients on any seed where
+  resample-move went up to 1.30 ×, and both met 0.1 sd / 10 % on every seed of all five.
+  A stage of either variant is limited by its ESS step, not by its moves; waste-free SMC
+  pays N − M evaluations per stage instead of N per move. The sequential rounds are
+  16-104 per run (resample-move: 9-18), over 100 × fewer than NUTS's 11,000-51,000.
+  ``chain_length`` 5 and 20 met all five too (26,333 and 29,400 evaluations), but 5
+  missed on 1 of 12 lorenz96 runs over the 4 further keys (mean error 0.114).
+  ``final_ess`` 0.5 N saved 18 % of the evaluations but left darcy and sir at 0.106 and
+  0.105 sd; N cost 11 % more.
+- ``p_independent`` adapted (the independence proposal; same study, and
+  ``benchmarks/smc_key_robustness.py``, which reruns every model and seed with 4 more
+  SMC keys). Without it the five models need 35,000 evaluations instead of 28,867,
+  eight_schools 0.50 × NUTS on average instead of 0.28, and lorenz96's data seed 2, whose
+  posterior is split between two separated regions, met the target with none of the 4
+  keys (means up to 0.18 sd, sds up to 25 % off) instead of all 4: the chains at t = 1
+  cannot even out the two regions' masses without a proposal that crosses between them.
 - ``transport=True``, ``transport_ess`` 0.8 (same study). Without the transport the five
-  models need 37,467 evaluations (35,000 with it), linear_gaussian 6,067 instead of
-  3,433 (0.55 × NUTS on its worst seed instead of 0.31), and the linear_gaussian
-  log-evidence errors are +0.027, −0.274, −0.023 instead of −0.009, −0.002, +0.004.
-  It is taken on linear_gaussian (from the prior), darcy and sir (for the last one or
-  two stages), never on lorenz96, exp_sine or eight_schools, where its probes cost
-  1-5 %. At ``transport_ess`` 0.5 it was also taken on exp_sine's seed 1 (at an ESS of
-  0.51): a chain was left on a far part of the likelihood ridge, the final ESS stalled
-  at 102 and the main mode's sd came out 27 % too wide (8 % with 0.8).
+  models need 30,833 evaluations (28,867 with it), linear_gaussian 6,167 instead of
+  3,367 (0.56 × NUTS on its worst seed instead of 0.31), and the linear_gaussian
+  log-evidence errors are +0.116, −0.252, +0.023 instead of −0.009, −0.002, +0.004. It
+  takes linear_gaussian from the prior to t = 1 in one stage; on sir its probes cost more
+  than it saves (6,400 evaluations with it, 5,833 without). At ``transport_ess`` 0.5 the
+  five models met the target with 27,633 evaluations; an earlier version without the
+  independence proposal took a transport on exp_sine's seed 1 at an ESS of 0.51 there,
+  and the main mode's sd came out 27 % off (8 % at 0.8), so the bar stays at 0.8.
 - ``ess_target`` 0.3. For resample-move it was lowered from 0.5 (with ``corr_threshold``
-  0.2 from 0.1): 1.3-2.0 × fewer evaluations for about the same rms errors, at twice
-  the log-evidence error (rms 0.129 vs 0.063 on linear_gaussian; for a precise evidence
-  pass ``ess_target=0.5``). For waste-free SMC, 0.1 saved 28 % of the evaluations
-  (25,200 vs 35,000 summed over the five models) but left lorenz96 off by 22 % in an sd.
-- ``schedule="ess"``. On the five models other than exp_sine the data-misfit controller
-  takes 3-4 stages where the ESS rule takes 2-5, 0.82-1.15 × the evaluations and gives
-  about the same errors, but it does not see the weights: its first linear_gaussian
-  stages left ESS fractions of 5-7 % (rms log-evidence error 0.157 vs 0.129). On
-  exp_sine, whose prior-predictive misfits span many orders of magnitude, it started
-  with Δt ≈ 5e-13 and needed 14.6 stages and 2.5 × the evaluations (resample-move,
-  summed over the six models: 128,222 vs 91,667 evaluations).
+  0.2 from 0.1): 1.5-1.9 × fewer evaluations for about the same rms errors, at 1.4 ×
+  the log-evidence error (rms 0.123 vs 0.087 on linear_gaussian, resample-move). For
+  waste-free SMC, 0.1 met all five models with 14 % fewer evaluations (24,900), but over
+  4 more SMC keys per seed (``smc_key_robustness.py --candidates``,
+  ``smc_key_robustness_candidates.md``) it missed the target on 1 of 12 lorenz96 runs
+  and 3 of 12 eight_schools runs, where the defaults missed none.
+- ``schedule="ess"`` (``benchmarks/smc_schedule_study.py``, resample-move, 3 keys per
+  seed). On the five models other than exp_sine the data-misfit controller takes 3-4
+  stages where the ESS rule takes 2-5, 0.84-1.32 × the evaluations and gives about the
+  same errors, but it does not see the weights: its first linear_gaussian stages left
+  ESS fractions of 5-10 % (rms log-evidence error 0.353 vs 0.123). On exp_sine, whose
+  prior-predictive misfits span many orders of magnitude, it started with Δt ≈ 5e-13
+  and needed 14.3 stages and 3.2 × the evaluations (summed over the six models: 90,110
+  vs 65,667 evaluations).
 - ``num_particles`` 1000: at 1000 particles (and a final ESS of 800) the Monte-Carlo
   error alone brings the worst parameter of the worst seed close to 0.1 sd. For a
   guaranteed 0.1 sd use more particles or several chains; the cost grows in proportion.
 - Known limitation, exp_sine: the posterior has a mirror mode (amplitude < 0) of
-  0.7-2.3 % of the mass. Waste-free SMC lost it on all three seeds (resample-move:
-  0-3.7 %), so the whole posterior's amplitude sd is off by up to 0.37 (0.46), while the
-  main mode is accurate (means within 0.072 sd, sds within 8.4 %).
-  ``benchmarks/smc_mirror_mode.py`` follows the mirror mass stage by stage (data seed 1,
-  8 keys) and, for each stage, the mirror's share of the weights its reweighting gives
-  the previous stage's particles. The mass is lost in the reweightings, not in the moves
-  (applied to exact draws from π_t, the kernels keep the mirror's share). With the
-  defaults the second stage (t ≈ 0.01 → 0.08) gives the 9-31 particles on the mirror
-  side 0.04-2.6 % of the weight (exact 1.9 %): the first stage moved them along 100
-  short chains, and the Kalman proposal points them at the main mode, where the MH ratio
-  rejects the move. Resample-move with random-walk moves only spreads all 1000 particles
-  without that pull and gets 0.98-2.8 % there, but each later reweighting of so few
-  particles widens the spread again (0.2-6.3 % at t = 1, mean 2.31 %), while 1000
-  independent exact draws get the amplitude sd within 10 % in 92-94 % of sets (median
-  error 0.04). Finer schedules make waste-free SMC worse: each stage resamples only
-  N / P = 100 starting points, of which the mirror gets about two, and once it gets none
-  it is gone (``ess_target`` 0.85: 0 % on all 8 keys; 0.6: 0-17 %). Keeping a 1-2 % mode
-  to 10 % would take many more particles on its side or moves between modes. Two
-  remedies were tried and not kept. A mode-jumping move (Tjelmeland & Hegstad 2001: an
-  affine involution between the components of a Gaussian mixture fitted to each stage's
-  population, with its exact MH ratio) failed because by the time the modes separate the
-  mirror holds too few particles to form a component, and once it is empty no jump leads
-  back. Resampling stratified by separated modes (each mode kept at ≥ 10 % of the
-  particles, its mass carried in the weights) did not change the table either: the two
-  groups are separated (Ashman's D ≥ 4 along the line through their centres) only after
-  the second stage's reweighting has already set the mirror's weight. NUTS (one chain,
-  1000 draws) had no mirror draws on any of the three seeds either.
+  0.7-2.3 % of the mass. SMC lost it on all three seeds (resample-move: 0.20, 0 and 0 %
+  against 0.90, 2.27 and 0.70 %), so the whole posterior's amplitude sd is off by up to
+  0.305 (resample-move 0.295), while the main mode is accurate (means within 0.022 sd, sds
+  within 5.6 %). ``benchmarks/smc_mirror_mode.py`` follows the mirror mass stage by
+  stage (data seed 1, 8 keys) and, for each stage, the mirror's share of the weights its
+  reweighting gives the previous stage's particles. Applied to exact draws of π_t the
+  moves keep each mode's share (``tests/test_smc.py``), but the population is not made
+  of exact draws: the second stage (t ≈ 0.01 → 0.08) reweights the 9-31 particles on the
+  mirror side (as placed by the first stage's moves) to 0.65-3.5 % of the weight (exact
+  1.9 %; without the independence proposal 0.04-2.6 %), its moves then carry part of
+  them to the main mode (1.09 % after them, mean of 8 keys), and by t = 1 the mirror is
+  empty on all 8 keys (without the independence proposal 0.62 %, 0-5.0 %). Resample-move
+  with random-walk moves only keeps the mass on average (2.31 % at t = 1), but the 8
+  runs range over 0.2-6.3 %, while 1000 independent exact draws get the amplitude sd
+  within 10 % in 91.5-94.5 % of sets (median error 0.04): every reweighting of so few
+  particles adds spread. A finer schedule does not help (``ess_target`` 0.85: 0 % on all
+  8 keys). Keeping a 1-2 % mode to 10 % would take many more particles on its side or
+  moves that find a mode the population has lost. Two further remedies were tried in
+  runs kept out of ``benchmarks/`` and not adopted. A mode-jumping move (Tjelmeland &
+  Hegstad 2001: an affine involution between the components of a Gaussian mixture fitted
+  to each stage's population, with its exact MH ratio) failed because by the time the
+  modes separate the mirror holds too few particles to form a component, and once it is
+  empty no jump leads back. Resampling stratified by groups of particles (each group
+  kept at a minimum share of the offspring, its mass carried in the weights) did not
+  keep it either: the mirror separates from the main mode only after the second stage's
+  reweighting has set its weight, and groups found earlier (k-means) kept particles on
+  that side but away from the mode. NUTS (one chain, 1000 draws) had no mirror draws on
+  any of the three seeds either.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -217,14 +242,17 @@ from eki_infer.kalman_transport import (
 )
 from eki_infer.keys import chain_keys, fold_keys
 from eki_infer.model_args import split_model_args, with_model_args
+from eki_infer.population_groups import split_groups
 
 __all__ = [
     "SCHEDULES",
+    "TUNING_OPTIONS",
     "MoveStats",
     "SMCError",
     "SMCHistory",
     "SMCResult",
     "SMCState",
+    "check_options",
     "choose_dt",
     "dmc_dt",
     "ess_of_log_weights",
@@ -259,6 +287,9 @@ class SMCState(NamedTuple):
         rw_scale: the random-walk scale s (adapted).
         kalman_step: κ = sqrt(1 − ρ²) of the Kalman proposal (adapted, in (0, 1]).
         p_kalman: the probability that a particle uses the Kalman proposal (adapted).
+        p_independent: the probability that it uses the independence proposal (adapted;
+            the random walk gets the rest). None only in checkpoints written before this
+            proposal existed.
     """
 
     particles: jax.Array
@@ -270,6 +301,7 @@ class SMCState(NamedTuple):
     rw_scale: jax.Array
     kalman_step: jax.Array
     p_kalman: jax.Array
+    p_independent: jax.Array | None = None
 
 
 class MoveStats(NamedTuple):
@@ -284,6 +316,12 @@ class MoveStats(NamedTuple):
         cross: C^{uG} Γ^{-1/2}ᵀ, ``(d, M)``: the covariance of u and the whitened outputs.
         start: the resampled particles in L-coordinates, L^{-1}(u − μ), ``(N, d)``, for
             the decorrelation criterion.
+        mix_mean, mix_chol, mix_chol_inv: ``(2, d)``, ``(2, d, d)``, ``(2, d, d)``: the
+            centres and scale factors of the independence proposal's two t components,
+            fitted to the two separated groups of the population
+            (:mod:`eki_infer.population_groups`), or both the whole population's.
+        mix_log_weight: ``(2,)``: log of each component's weight (its group's share of
+            the particles; −∞ for the second when there is one group).
     """
 
     mean: jax.Array
@@ -292,6 +330,10 @@ class MoveStats(NamedTuple):
     chol_inv: jax.Array
     cross: jax.Array
     start: jax.Array
+    mix_mean: jax.Array
+    mix_chol: jax.Array
+    mix_chol_inv: jax.Array
+    mix_log_weight: jax.Array
 
 
 class SMCHistory(NamedTuple):
@@ -299,21 +341,24 @@ class SMCHistory(NamedTuple):
 
     Stage k reweights from ``t − dt`` to ``t``, resamples and moves. ``ess`` is the
     effective sample size (fraction of N) of the reweighted population before
-    resampling; ``moves`` the number of MH moves; ``acceptance_rw`` and
-    ``acceptance_kalman`` the mean acceptance of each proposal over the stage's moves;
-    ``rw_scale``, ``kalman_step`` and ``p_kalman`` the adapted proposal parameters at
+    resampling; ``moves`` the number of MH moves; ``acceptance_rw``,
+    ``acceptance_kalman`` and ``acceptance_independent`` the mean acceptance of each
+    proposal over the stage's moves; ``rw_scale``, ``kalman_step``, ``p_kalman`` and
+    ``p_independent`` the adapted proposal parameters at
     the stage's end; ``correlation`` the decorrelation criterion after the last move
     (waste-free: of the chains' last states with their starting points); ``sample_ess``
     the population's effective sample size after the stage (:func:`chain_ess`;
     waste-free only, NaN otherwise); ``transport_probe_ess`` the ESS fraction of the Kalman
     transport's probe (NaN when it was not tried) and ``transported`` 1 where the stage
     went to t = 1 by the transport (then ``ess`` is the transported population's ESS
-    fraction); ``misfit_mean`` the mean Φ of the final population
+    fraction); ``misfit_mean`` and ``misfit_sd`` the mean and sd of Φ over the final population
     (finite values); ``num_failed`` the number of non-finite forward outputs among the
     stage's proposals;
     ``log_evidence`` the running log p(y) estimate; ``forward_evaluations`` (cumulative,
     per chain) and ``wall_time`` (cumulative seconds, shared). Chains that reached t = 1
-    before the others repeat their last row with dt = 0 and moves = 0. Waste-free runs
+    before the others repeat their last row with dt = 0 and moves = 0, and NaN
+    acceptances, correlation and sample ESS (the batch's moves of other chains were not
+    theirs). Waste-free runs
     end with one more row, dt = 0: the extension of the chains at t = 1 (``moves`` its
     extra moves, ``sample_ess`` the final population's ESS).
     """
@@ -324,14 +369,17 @@ class SMCHistory(NamedTuple):
     moves: np.ndarray
     acceptance_rw: np.ndarray
     acceptance_kalman: np.ndarray
+    acceptance_independent: np.ndarray
     rw_scale: np.ndarray
     kalman_step: np.ndarray
     p_kalman: np.ndarray
+    p_independent: np.ndarray
     correlation: np.ndarray
     sample_ess: np.ndarray
     transport_probe_ess: np.ndarray
     transported: np.ndarray
     misfit_mean: np.ndarray
+    misfit_sd: np.ndarray
     num_failed: np.ndarray
     log_evidence: np.ndarray
     forward_evaluations: np.ndarray
@@ -344,7 +392,9 @@ class SMCResult(NamedTuple):
     Attributes:
         particles: final equally weighted particles ``(chains, draws, d)``: N for
             resample-move; for waste-free SMC every state of the M chains at t = 1,
-            M × (P + extra moves) ≥ N.
+            M × L ≥ N (L = P + extra moves), chain by chain: draws i·L, ..., i·L + L − 1
+            are Markov chain i's states in order (so autocorrelation-based ESS estimates,
+            such as ArviZ's, see their correlation).
         outputs: their forward outputs ``(chains, draws, M)``.
         initial_particles: the prior draws the run started from ``(chains, N, d)``.
         log_evidence: log p(y) estimates ``(chains,)``.
@@ -392,6 +442,7 @@ def init(rng_key, num_particles: int, dim: int, forward, observations, noise) ->
         rw_scale=jnp.asarray(2.38 / math.sqrt(dim), u.dtype),
         kalman_step=jnp.asarray(0.5, u.dtype),
         p_kalman=jnp.asarray(0.5, u.dtype),
+        p_independent=jnp.asarray(0.1, u.dtype),
     )
 
 
@@ -545,7 +596,25 @@ def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> Mo
     chol_inv = solve_triangular(chol, jnp.eye(d, dtype=u.dtype), lower=True)
     cross = du.T @ dg / n
     start = (u - mean) @ chol_inv.T
-    return MoveStats(mean, cov, chol, chol_inv, cross, start)
+    second = split_groups(u, ok)
+
+    def component(mask):
+        size = jnp.maximum(jnp.sum(mask), 1)
+        centre = jnp.sum(jnp.where(mask[:, None], u, 0.0), 0) / size
+        dev = jnp.where(mask[:, None], u - centre, 0.0)
+        factor = jnp.linalg.cholesky(regularised_covariance(dev.T @ dev / size, jitter))
+        inverse = solve_triangular(factor, jnp.eye(d, dtype=u.dtype), lower=True)
+        return centre, factor, inverse, jnp.log(jnp.sum(mask) / n)
+
+    split = jnp.any(second)
+    first = component(ok & ~second)
+    other = component(second)
+    whole = (mean, chol, chol_inv, jnp.zeros((), u.dtype))
+    first = jax.tree.map(lambda a, b: jnp.where(split, a, b), first, whole)
+    other = jax.tree.map(lambda a, b: jnp.where(split, a, b), other, whole)
+    other = (*other[:3], jnp.where(split, other[3], -jnp.inf))
+    mix = [jnp.stack([a, b]) for a, b in zip(first, other, strict=True)]
+    return MoveStats(mean, cov, chol, chol_inv, cross, start, *mix)
 
 
 def _drift(u, residual_w, t, stats: MoveStats):
@@ -572,6 +641,20 @@ def _whitened_residual(outputs, observations, noise):
     return noise.whiten(jnp.where(ok[:, None], observations - outputs, 0.0))
 
 
+#: Smallest adapted probabilities of the random walk, the Kalman and the independence
+#: proposal (each stays in the mix, so its acceptance keeps being measured).
+_FLOORS = (0.1, 0.1, 0.02)
+
+
+def _independent_log_q(v, stats: MoveStats, nu: float):
+    """log of the independence proposal's density at rows ``v``, up to a constant: the
+    mixture of multivariate t components with ν degrees of freedom (``stats.mix_*``)."""
+    z = jnp.einsum("kij,nkj->nki", stats.mix_chol_inv, v[:, None, :] - stats.mix_mean[None])
+    log_t = -0.5 * (nu + v.shape[-1]) * jnp.log1p(jnp.sum(z**2, axis=-1) / nu)
+    log_det = jnp.sum(jnp.log(jnp.diagonal(stats.mix_chol, axis1=-2, axis2=-1)), axis=-1)
+    return logsumexp(stats.mix_log_weight - log_det + log_t, axis=-1)
+
+
 def move(
     rng_key,
     state: SMCState,
@@ -581,30 +664,57 @@ def move(
     noise,
     *,
     p_kalman: float | None = None,
+    p_independent: float | None = None,
     rw_acceptance: float = 0.25,
     kalman_acceptance: float = 0.3,
+    independent_acceptance: float = 0.2,
+    independent_dof: float = 10.0,
 ):
     """One MH move of every particle targeting π_t (t = ``state.t``), then adaptation
-    of the proposal parameters. Returns ``(state, info)`` with info = (acceptance of RW,
-    acceptance of Kalman, number of failed proposals, decorrelation criterion).
+    of the proposal parameters. Returns ``(state, info)`` with info = (acceptance of the
+    random walk, of the Kalman proposal and of the independence proposal, number of
+    failed proposals, decorrelation criterion).
 
-    ``p_kalman``: a fixed probability of the Kalman proposal, or None (default) to
-    adapt it: after each move it is set to the Kalman proposal's share of the expected
-    squared jump distance per proposal (in L-coordinates), clipped to [0.1, 0.9]. The
-    choice never depends on a particle's position, so each move is a mixture of
-    π_t-reversible kernels whatever the probability.
+    Each particle picks one of three proposals, independently of its state (a mixture of
+    π_t-reversible kernels is π_t-reversible whatever the probabilities): the Kalman
+    proposal with probability ``p_kalman``, the independence proposal with
+    ``p_independent``, else the random walk. The independence proposal draws from the
+    multivariate t (``independent_dof`` degrees of freedom) fitted to the population,
+    u' = μ + L ξ sqrt(ν / χ²_ν), with MH ratio π_t(u') q(u) / (π_t(u) q(u')); where the
+    population describes π_t well it gives nearly independent draws.
+
+    Either probability may be fixed, or None (default) to adapt it after each move from
+    the proposals' expected squared jump distances per proposal (in L-coordinates), ESJD:
+    each adapted probability becomes its proposal's share of the summed ESJD (the
+    independence proposal's counts only while its acceptance is at least
+    ``independent_acceptance``: below that it stays at a floor of 0.02, so that one
+    rarely accepted jump does not decide the mixture), with floors of 0.1 for the Kalman
+    proposal and the random walk. With one probability fixed the other two proposals
+    share the rest by their ESJD; ``p_independent=0`` gives the random walk and Kalman
+    mixture alone.
     """
-    k_choice, k_xi, k_accept = jax.random.split(rng_key, 3)
+    k_choice, k_xi, k_accept, k_chi, k_comp = jax.random.split(rng_key, 5)
     u, t = state.particles, state.t
     n, d = u.shape
-    prob = state.p_kalman if p_kalman is None else jnp.asarray(p_kalman, u.dtype)
-    use_kalman = jax.random.uniform(k_choice, (n,)) < prob
-    xi = jax.random.normal(k_xi, (n, d), u.dtype)
+    dtype = u.dtype
+    p_kal = state.p_kalman if p_kalman is None else jnp.asarray(p_kalman, dtype)
+    p_ind = state.p_independent if p_independent is None else jnp.asarray(p_independent, dtype)
+    p_ind = jnp.minimum(p_ind, 1.0 - p_kal)
+    pick = jax.random.uniform(k_choice, (n,), dtype)
+    use_kalman = pick < p_kal
+    use_ind = ~use_kalman & (pick < p_kal + p_ind)
+    use_rw = ~use_kalman & ~use_ind
+    xi = jax.random.normal(k_xi, (n, d), dtype)
     res = _whitened_residual(state.outputs, observations, noise)
     kappa = state.kalman_step
     u_kal = kalman_proposal(u, res, t, stats, kappa, xi)
     u_rw = u + state.rw_scale * xi @ stats.chol.T
-    proposal = jnp.where(use_kalman[:, None], u_kal, u_rw)
+    nu = independent_dof
+    radial = jnp.sqrt(nu / jax.random.chisquare(k_chi, nu, (n,), dtype))
+    comp = jax.random.categorical(k_comp, stats.mix_log_weight, shape=(n,))
+    scaled = jnp.einsum("nij,nj->ni", stats.mix_chol[comp], xi)
+    u_ind = stats.mix_mean[comp] + radial[:, None] * scaled
+    proposal = jnp.where(use_kalman[:, None], u_kal, jnp.where(use_ind[:, None], u_ind, u_rw))
 
     g_new = forward(proposal)
     phi_new = _misfit(g_new, observations, noise)
@@ -615,10 +725,13 @@ def move(
         return -0.5 * jnp.sum(v**2, axis=-1) - t * phi
 
     log_alpha = log_target(proposal, phi_new) - log_target(u, state.misfit)
-    correction = _kalman_log_q(u, proposal, res_new, t, stats, kappa) - _kalman_log_q(
+    kalman_correction = _kalman_log_q(u, proposal, res_new, t, stats, kappa) - _kalman_log_q(
         proposal, u, res, t, stats, kappa
     )
-    log_alpha = log_alpha + jnp.where(use_kalman, correction, 0.0)
+    ind_correction = _independent_log_q(u, stats, nu) - _independent_log_q(proposal, stats, nu)
+    log_alpha = log_alpha + jnp.where(
+        use_kalman, kalman_correction, jnp.where(use_ind, ind_correction, 0.0)
+    )
     log_alpha = jnp.where(failed | ~jnp.isfinite(log_alpha), -jnp.inf, log_alpha)
     accept = jnp.log(jax.random.uniform(k_accept, (n,))) < log_alpha
     alpha = jnp.exp(jnp.minimum(log_alpha, 0.0))
@@ -626,21 +739,40 @@ def move(
     def mean_over(mask, x):
         return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
-    acc_rw = mean_over(~use_kalman, alpha)
+    acc_rw = mean_over(use_rw, alpha)
     acc_kal = mean_over(use_kalman, alpha)
+    acc_ind = mean_over(use_ind, alpha)
     jump = jnp.sum(((proposal - u) @ stats.chol_inv.T) ** 2, axis=-1)
-    esjd_rw = mean_over(~use_kalman, alpha * jump)
+    esjd_rw = mean_over(use_rw, alpha * jump)
     esjd_kal = mean_over(use_kalman, alpha * jump)
-    both = (jnp.sum(use_kalman) > 0) & (jnp.sum(~use_kalman) > 0)
-    share = jnp.clip(esjd_kal / jnp.maximum(esjd_kal + esjd_rw, 1e-300), 0.1, 0.9)
-    new_prob = jnp.where(both & jnp.isfinite(share), share, prob)
+    esjd_ind = jnp.where(acc_ind >= independent_acceptance, mean_over(use_ind, alpha * jump), 0.0)
+    # adapt only from moves in which every proposal being weighed was used
+    seen = jnp.sum(use_rw) > 0
+    if p_kalman is None:
+        seen = seen & (jnp.sum(use_kalman) > 0)
+    if p_independent is None:
+        seen = seen & (jnp.sum(use_ind) > 0)
+    new_kal, new_ind = p_kal, p_ind
+    if p_kalman is None and p_independent is None:
+        esjd = jnp.stack([esjd_rw, esjd_kal, esjd_ind])
+        probs = jnp.maximum(esjd / jnp.maximum(jnp.sum(esjd), 1e-300), jnp.asarray(_FLOORS))
+        new_kal, new_ind = probs[1] / jnp.sum(probs), probs[2] / jnp.sum(probs)
+    elif p_kalman is None:  # the Kalman proposal and the random walk share 1 − p_independent
+        share = esjd_kal / jnp.maximum(esjd_kal + esjd_rw, 1e-300)
+        new_kal = (1.0 - p_ind) * jnp.clip(share, _FLOORS[1], 1.0 - _FLOORS[0])
+    elif p_independent is None:  # the independence proposal and the random walk share the rest
+        share = esjd_ind / jnp.maximum(esjd_ind + esjd_rw, 1e-300)
+        new_ind = (1.0 - p_kal) * jnp.clip(share, _FLOORS[2], 1.0 - _FLOORS[0])
+    ok = seen & jnp.isfinite(new_kal) & jnp.isfinite(new_ind)
+    new_kal = jnp.where(ok, new_kal, p_kal)
+    new_ind = jnp.where(ok, new_ind, p_ind)
     new_u = jnp.where(accept[:, None], proposal, u)
     new_state = state._replace(
         particles=new_u,
         outputs=jnp.where(accept[:, None], g_new, state.outputs),
         misfit=jnp.where(accept, phi_new, state.misfit),
         rw_scale=jnp.where(
-            jnp.sum(~use_kalman) > 0,
+            jnp.sum(use_rw) > 0,
             jnp.clip(state.rw_scale * jnp.exp(2.0 * (acc_rw - rw_acceptance)), 1e-3, 10.0),
             state.rw_scale,
         ),
@@ -649,11 +781,12 @@ def move(
             jnp.clip(kappa * jnp.exp(2.0 * (acc_kal - kalman_acceptance)), 0.02, 1.0),
             kappa,
         ),
-        p_kalman=new_prob,
+        p_kalman=new_kal,
+        p_independent=new_ind,
     )
     z = (new_u - stats.mean) @ stats.chol_inv.T
     corr = _max_abs_correlation(stats.start, z)
-    return new_state, (acc_rw, acc_kal, jnp.sum(failed), corr)
+    return new_state, (acc_rw, acc_kal, acc_ind, jnp.sum(failed), corr)
 
 
 def _ranks(x):
@@ -732,6 +865,7 @@ def _compile(problem, rebuild, options):
     def move_chains(keys, states, stats, active, data, observations, noise):
         kw = {
             "p_kalman": options["p_kalman"],
+            "p_independent": options["p_independent"],
             "rw_acceptance": options["rw_acceptance"],
             "kalman_acceptance": options["kalman_acceptance"],
         }
@@ -853,6 +987,81 @@ def chain_ess(particles, num_chains_per_population: int, stats: MoveStats) -> np
     return np.minimum(ess.min(axis=-1), n)
 
 
+#: The keyword arguments of :func:`run_smc` that tune the algorithm (``smc_options`` of
+#: :class:`~eki_infer.EKIInference`); ``max_stages``, ``progress_bar`` and
+#: ``checkpoint`` come from the engine's own options.
+TUNING_OPTIONS = (
+    "schedule",
+    "ess_target",
+    "waste_free",
+    "chain_length",
+    "final_ess",
+    "max_final_moves",
+    "transport",
+    "transport_ess",
+    "p_kalman",
+    "p_independent",
+    "min_moves",
+    "max_moves",
+    "corr_threshold",
+    "rw_acceptance",
+    "kalman_acceptance",
+    "jitter",
+)
+
+
+def check_options(
+    num_particles: int, num_chains: int = 1, max_stages: int = 200, **options
+) -> None:
+    """Raises ``ValueError`` naming the option for any bad :func:`run_smc` tuning option
+    (unset ones take their defaults) or an unknown one, so that a run fails before it
+    compiles anything and an engine can check its options when it is built."""
+    unknown = sorted(set(options) - set(TUNING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown SMC options {unknown}; the options are {list(TUNING_OPTIONS)}.")
+    defaults = inspect.signature(run_smc).parameters
+    o = {name: defaults[name].default for name in TUNING_OPTIONS} | options
+    counts = {"num_particles": num_particles, "num_chains": num_chains, "max_stages": max_stages}
+    counts |= {name: o[name] for name in ("chain_length", "min_moves", "max_moves")}
+    for name, value in counts.items():
+        if not (isinstance(value, int | np.integer) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if num_particles < 2:
+        raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
+    if o["schedule"] not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {o['schedule']!r}.")
+    for name in ("ess_target", "rw_acceptance", "kalman_acceptance", "corr_threshold"):
+        if not 0.0 < o[name] < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {o[name]}.")
+    for name in ("p_kalman", "p_independent"):
+        if o[name] is not None and not 0.0 <= o[name] <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] or None (adapted), got {o[name]}.")
+    if not (math.isfinite(o["jitter"]) and o["jitter"] > 0):
+        raise ValueError(f"jitter must be a positive number, got {o['jitter']}.")
+    if not o["min_moves"] <= o["max_moves"]:
+        raise ValueError(f"need min_moves <= max_moves, got {o['min_moves']} and {o['max_moves']}.")
+    if not o["waste_free"]:
+        return
+    length = o["chain_length"]
+    if length < 2 or num_particles % length or num_particles < 2 * length:
+        raise ValueError(
+            f"waste-free SMC runs num_particles / chain_length Markov chains of "
+            f"chain_length states: num_particles ({num_particles}) must be a multiple "
+            f"of chain_length ({length}) with at least 2 chains, and "
+            "chain_length >= 2 (or pass waste_free=False)."
+        )
+    if o["final_ess"] is not None and not o["final_ess"] >= 2:
+        raise ValueError(
+            f"final_ess is a number of draws, at least 2 (default 0.8 × num_particles), "
+            f"got {o['final_ess']}; for a fraction f of the particles pass f * num_particles."
+        )
+    moves = o["max_final_moves"]
+    if not (isinstance(moves, int | np.integer) and moves >= 0):
+        raise ValueError(f"max_final_moves must be an integer >= 0, got {moves!r}.")
+    if not 0.0 < o["transport_ess"] <= 1.0:
+        raise ValueError(f"transport_ess must be in (0, 1], got {o['transport_ess']}.")
+
+
 def run_smc(
     problem,
     rng_key,
@@ -868,6 +1077,7 @@ def run_smc(
     transport: bool = True,
     transport_ess: float = 0.8,
     p_kalman: float | None = None,
+    p_independent: float | None = None,
     min_moves: int = 1,
     max_moves: int = 10,
     corr_threshold: float = 0.2,
@@ -895,11 +1105,17 @@ def run_smc(
     decorrelation criterion (``corr_threshold``, ``min_moves``, ``max_moves``) holds.
     ``transport`` (waste-free only): try the Kalman transport to t = 1 at every stage whose
     ordinary step stops short of it, and take it when the ESS fractions of its probe and
-    of the whole transported population reach ``transport_ess``.
-    The module docstring's last section gives the measurements behind the defaults.
+    of the whole transported population reach ``transport_ess``. ``p_kalman`` and
+    ``p_independent`` fix the probabilities of the Kalman and the independence proposal
+    (None: adapted; :func:`move`). The draws are ordered chain by chain
+    (:class:`SMCResult`). The module docstring's last section gives the measurements
+    behind the defaults.
 
     Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
-    ``num_chains`` is (up to floating-point rounding in the batched computation).
+    ``num_chains`` is (up to floating-point rounding in the batched computation), with
+    one exception: waste-free SMC's final extension runs until every chain has met its
+    target, so beside slower chains a chain gets more extra moves (its draws up to its
+    own stopping point are the same).
 
     ``checkpoint``: an :class:`eki_infer.checkpoint.Checkpoint`; the loop state (the
     populations with their adapted proposals, the history, the counters) is written to
@@ -907,33 +1123,18 @@ def run_smc(
     move m draw from ``fold_in(fold_in(chain_key, k), m)``, so a resumed run ends bit for
     bit where an uninterrupted one would.
     """
-    if num_particles < 2:
-        raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
-    if not 0.0 < ess_target < 1.0:
-        raise ValueError(f"ess_target must be in (0, 1), got {ess_target}.")
-    if p_kalman is not None and not 0.0 <= p_kalman <= 1.0:
-        raise ValueError(f"p_kalman must be in [0, 1], got {p_kalman}.")
-    if not 1 <= min_moves <= max_moves:
-        raise ValueError(f"need 1 <= min_moves <= max_moves, got {min_moves}, {max_moves}.")
-    if waste_free:
-        if chain_length < 2 or num_particles % chain_length or num_particles < 2 * chain_length:
-            raise ValueError(
-                f"waste-free SMC runs num_particles / chain_length Markov chains of "
-                f"chain_length states: num_particles ({num_particles}) must be a multiple "
-                f"of chain_length ({chain_length}) with at least 2 chains, and "
-                "chain_length >= 2 (or pass waste_free=False)."
-            )
-        if final_ess is not None and final_ess <= 0:
-            raise ValueError(f"final_ess must be positive, got {final_ess}.")
-        if not 0.0 < transport_ess <= 1.0:
-            raise ValueError(f"transport_ess must be in (0, 1], got {transport_ess}.")
+    check_options(
+        num_particles,
+        num_chains,
+        max_stages,
+        **{name: value for name, value in locals().items() if name in TUNING_OPTIONS},
+    )
     y, noise = problem.observations, problem.noise
     options = {
         "ess_target": float(ess_target),
         "schedule": schedule,
         "p_kalman": None if p_kalman is None else float(p_kalman),
+        "p_independent": None if p_independent is None else float(p_independent),
         "rw_acceptance": float(rw_acceptance),
         "kalman_acceptance": float(kalman_acceptance),
         "jitter": float(jitter),
@@ -954,11 +1155,19 @@ def run_smc(
     saved = checkpoint.current if checkpoint is not None else None
     if saved is not None:
         states = jax.tree.map(jnp.asarray, saved["states"])
+        if states.p_independent is None:  # a checkpoint from before that proposal
+            states = states._replace(p_independent=jnp.full_like(states.p_kalman, 0.1))
         initial = saved["initial"]
         evaluations = np.asarray(saved["evaluations"]).copy()
         records = {name: list(rows) for name, rows in saved["records"].items()}
-        # a checkpoint from before the transport: its stages had none
-        for name, fill in (("transport_probe_ess", np.nan), ("transported", 0)):
+        # a checkpoint from before the transport or the independence proposal
+        for name, fill in (
+            ("transport_probe_ess", np.nan),
+            ("transported", 0),
+            ("acceptance_independent", np.nan),
+            ("p_independent", 0.0),
+            ("misfit_sd", np.nan),
+        ):
             records.setdefault(name, [np.full(num_chains, fill)] * len(records["t"]))
         rounds, first_stage = saved["rounds"], saved["stage"] + 1
         finished = saved.get("finished", False)
@@ -992,7 +1201,8 @@ def run_smc(
                 },
             )
 
-    def record(active, dt, ess, moves, acc_rw, acc_kal, corr, failed, sample_ess, transport):
+    def record(active, dt, ess, moves, acceptance, corr, failed, sample_ess, transport):
+        acc_rw, acc_kal, acc_ind = (acceptance[k] for k in ("rw", "kalman", "independent"))
         phi = np.asarray(states.misfit)
         records["transport_probe_ess"].append(transport[0])
         records["transported"].append(transport[1])
@@ -1000,14 +1210,18 @@ def run_smc(
         records["dt"].append(np.where(active, np.asarray(dt), 0.0))
         records["ess"].append(np.where(active, np.asarray(ess), 1.0))
         records["moves"].append(np.where(active, moves, 0))
-        records["acceptance_rw"].append(np.mean(acc_rw, axis=0))
-        records["acceptance_kalman"].append(np.mean(acc_kal, axis=0))
+        for name, rates in (("rw", acc_rw), ("kalman", acc_kal), ("independent", acc_ind)):
+            rate = np.mean(rates, axis=0) if len(rates) else np.full(num_chains, np.nan)
+            records[f"acceptance_{name}"].append(np.where(active, rate, np.nan))
         records["rw_scale"].append(np.asarray(states.rw_scale))
         records["kalman_step"].append(np.asarray(states.kalman_step))
         records["p_kalman"].append(np.asarray(states.p_kalman))
-        records["correlation"].append(corr)
+        records["p_independent"].append(np.asarray(states.p_independent))
+        records["correlation"].append(np.where(active, corr, np.nan))
         records["sample_ess"].append(sample_ess)
-        records["misfit_mean"].append(np.nanmean(np.where(np.isfinite(phi), phi, np.nan), 1))
+        finite = np.where(np.isfinite(phi), phi, np.nan)
+        records["misfit_mean"].append(np.nanmean(finite, 1))
+        records["misfit_sd"].append(np.nanstd(finite, 1))
         records["num_failed"].append(failed)
         records["log_evidence"].append(np.asarray(states.log_z) + const)
         records["forward_evaluations"].append(evaluations.copy())
@@ -1048,7 +1262,8 @@ def run_smc(
                     finite = np.where(transported, np.asarray(t_finite), np.asarray(finite))
             finite = np.asarray(finite)
             _check_finite(np.where(active, finite, num_particles), stage, "reweighting")
-            acc_rw, acc_kal, failed_total = [], [], np.zeros(num_chains, dtype=np.int64)
+            acceptance = {"rw": [], "kalman": [], "independent": []}
+            failed_total = np.zeros(num_chains, dtype=np.int64)
             moves = 0
             corr = np.zeros(num_chains)
             if waste_free:
@@ -1062,9 +1277,9 @@ def run_smc(
             for m in range(1, last_move + 1):
                 keys = fold_keys(stage_keys, m)
                 heads, info = move_chains(keys, heads, stats, jnp.asarray(active), data, y, noise)
-                a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
-                acc_rw.append(a_rw)
-                acc_kal.append(a_kal)
+                *rates, n_failed, corr = (np.asarray(x) for x in info)
+                for name, rate in zip(acceptance, rates, strict=True):
+                    acceptance[name].append(rate)
                 failed_total += np.where(active, n_failed, 0)
                 evaluations += np.where(active, num_heads, 0)
                 moves, rounds = m, rounds + 1
@@ -1072,6 +1287,7 @@ def run_smc(
                     blocks.append(heads)
                 elif m >= min_moves and np.all(corr[active] < threshold):
                     break
+            _check_move_failures(failed_total, np.where(active, moves * num_heads, 0), stage)
             if waste_free:
                 states = _keep_inactive(_stack_blocks(blocks, states), states, active)
                 sample_ess = np.where(active, chain_ess(states.particles, num_heads, stats), np.nan)
@@ -1082,8 +1298,7 @@ def run_smc(
                 dt,
                 ess,
                 moves,
-                acc_rw,
-                acc_kal,
+                acceptance,
                 corr,
                 failed_total,
                 sample_ess,
@@ -1100,6 +1315,22 @@ def run_smc(
                 steps, states, per_chain, num_heads, target, max_final_moves, (data, y, noise)
             )
             extra = extension["moves"]
+            _check_move_failures(
+                extension["failed"], np.full(num_chains, extra * num_heads), "t = 1 (extension)"
+            )
+            reached = np.asarray(extension["ess"])
+            if np.any(reached < target):
+                warnings.warn(
+                    f"SMC's final effective sample size {np.round(reached, 1).tolist()} (per "
+                    f"chain) stayed below its target {target:g} after {extra} extra moves: "
+                    "the chains at t = 1 stopped mixing (separated modes that no proposal "
+                    "crosses, or a region such as a funnel's neck that they barely leave), "
+                    "so the draws are worth fewer independent ones than their number. Mode "
+                    "masses come from the reweightings then; for more precision use more "
+                    "particles or chains.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             evaluations += extra * num_heads
             rounds += extra
             ones = np.ones(num_chains, dtype=bool)
@@ -1108,8 +1339,7 @@ def run_smc(
                 0.0,
                 1.0,
                 extra,
-                extension["acc_rw"],
-                extension["acc_kal"],
+                extension["acceptance"],
                 extension["corr"],
                 extension["failed"],
                 extension["ess"],
@@ -1122,10 +1352,13 @@ def run_smc(
     finally:
         if bar is not None:
             bar.close()
+    if waste_free:
+        states = _chain_major(states, num_heads)
     if np.any(np.asarray(states.t) < 1.0):
         warnings.warn(
-            f"max_stages={max_stages} reached before t = 1 (t = {np.asarray(states.t)}); "
-            "the particles do not target the posterior yet. Increase max_stages.",
+            f"max_stages={max_stages} (EKIInference's max_iterations) reached before t = 1 "
+            f"(t = {np.asarray(states.t)}); the particles do not target the posterior yet. "
+            "Increase it.",
             UserWarning,
             stacklevel=2,
         )
@@ -1164,7 +1397,7 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     stats = _with_start(stats, heads)
     keys0 = fold_keys(per_chain, _FINAL_STAGE)
     everyone = jnp.ones(num_chains, dtype=bool)
-    acc_rw, acc_kal = [], []
+    acceptance = {"rw": [], "kalman": [], "independent": []}
     failed = np.zeros(num_chains, dtype=np.int64)
     corr = np.full(num_chains, np.nan)
     particles = [np.asarray(states.particles)]  # host copies, for the ESS only
@@ -1174,9 +1407,9 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     while moves < max_moves and not np.all((ess >= target) | _stalled(trace, len(blocks))):
         moves += 1
         heads, info = move_chains(fold_keys(keys0, moves), heads, stats, everyone, data, y, noise)
-        a_rw, a_kal, n_failed, corr = (np.asarray(x) for x in info)
-        acc_rw.append(a_rw)
-        acc_kal.append(a_kal)
+        *rates, n_failed, corr = (np.asarray(x) for x in info)
+        for name, rate in zip(acceptance, rates, strict=True):
+            acceptance[name].append(rate)
         failed += n_failed
         blocks.append(heads)
         particles.append(np.asarray(heads.particles))
@@ -1187,8 +1420,7 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
     nan = [np.full(num_chains, np.nan)]
     return states, {
         "moves": moves,
-        "acc_rw": acc_rw or nan,
-        "acc_kal": acc_kal or nan,
+        "acceptance": {name: rates or nan for name, rates in acceptance.items()},
         "failed": failed,
         "corr": corr,
         "ess": ess,
@@ -1198,15 +1430,30 @@ def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves,
 def _stalled(trace: list, length: int) -> np.ndarray:
     """Runs whose ESS grew by less than 25 % while the chains doubled in length (to
     ``length`` states from half of it); False until the chains have doubled. An ESS that
-    stops growing means chains that stay where they are: in separate modes (the ESS of
-    M chains that never cross between modes levels off at about M) or in a region the
-    proposals barely leave (the neck of a funnel). The weights of those regions were
-    set by the reweighting and resampling, and further moves would not change them."""
+    stops growing means chains that stay where they are: in separate modes that no
+    proposal crosses (the ESS of M chains that never cross between modes levels off at
+    about M) or in a region the proposals barely leave (the neck of a funnel). The
+    weights of those regions are then the ones the reweightings and resamplings set,
+    which more moves at the same rate would barely change."""
     first = length - (len(trace) - 1)  # chain length before the extension
     half = length // 2 - first
     if half < 0:
         return np.zeros_like(trace[-1], dtype=bool)
     return trace[-1] < 1.25 * trace[half]
+
+
+def _chain_major(states: SMCState, num_heads: int) -> SMCState:
+    """A waste-free population reordered chain by chain: row i·L + b holds Markov chain
+    i's b-th state (it was row b·M + i), so that consecutive draws are consecutive states
+    of one chain and ArviZ's autocorrelation-based ESS and MCSE see their correlation."""
+    n = states.misfit.shape[-1]
+    order = jnp.arange(n).reshape(n // num_heads, num_heads).T.reshape(-1)
+    return states._replace(
+        particles=states.particles[:, order],
+        outputs=states.outputs[:, order],
+        misfit=states.misfit[:, order],
+        log_weights=states.log_weights[:, order],
+    )
 
 
 def _take_block(states: SMCState, start: int, size: int) -> SMCState:
@@ -1219,6 +1466,28 @@ def _with_start(stats: MoveStats, heads: SMCState) -> MoveStats:
     (chain axis first), in the stage's L-coordinates."""
     start = jnp.einsum("cmd,ced->cme", heads.particles - stats.mean[:, None], stats.chol_inv)
     return stats._replace(start=start)
+
+
+def _check_move_failures(failed, proposed, stage):
+    """Raises :class:`SMCError` where every proposal of a chain's moves failed, and warns
+    where more than half did: the forward map fails where the tempered posterior is."""
+    failed, proposed = np.asarray(failed), np.asarray(proposed)
+    every = np.nonzero((proposed > 0) & (failed >= proposed))[0]
+    if every.size:
+        raise SMCError(
+            f"SMC stage {stage} (moves): every one of the {proposed[every].tolist()} proposals "
+            f"failed (non-finite forward output) in chains {every.tolist()}. The forward map "
+            "fails wherever the moves go; check the model or the simulator."
+        )
+    most = np.nonzero((proposed > 0) & (2 * failed > proposed))[0]
+    if most.size:
+        warnings.warn(
+            f"SMC stage {stage} (moves): {failed[most].tolist()} of {proposed[most].tolist()} "
+            f"proposals failed (non-finite forward output) in chains {most.tolist()}; the "
+            "failed proposals are rejected, so the moves mix that much more slowly.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_finite(finite_counts, stage, where):

@@ -269,3 +269,16 @@ def test_plot_comparison(linear_comparison):
     fig = comp.plot(parameters=["theta[1]"], methods=["EKI"])
     assert len(fig.axes) == 1
     plt.close(fig)
+
+
+def test_a_bare_arviz_object_is_one_result(linear_comparison):
+    """An InferenceData (ArviZ 0.x) or DataTree (1.x) is a mapping of groups, yet one
+    result: passed on its own (not in a dict) it is compared as such."""
+    engine, _, mean, cov = linear_comparison
+    reference = {"theta": np.random.default_rng(0).multivariate_normal(mean, cov, 4000)}
+    comp = compare(results=engine.inference_data, reference=reference)
+    summary = comp.summary()
+    assert len(summary) == 1
+    row = next(iter(summary.values()))
+    # the bounds of test_end_to_end_linear_gaussian: EKI with J = 200 against NUTS
+    assert row["max_abs_mean_error"] < 0.4 and row["max_abs_sd_ratio_minus_1"] < 0.3

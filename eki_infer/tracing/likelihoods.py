@@ -180,8 +180,9 @@ def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
             f"observed site '{name}' has {what}, which is not Gaussian. eki_infer needs a "
             "Gaussian likelihood with known noise: one of "
             + ", ".join(GAUSSIAN_LIKELIHOODS)
-            + " (with .expand/.to_event or inside plates). Non-Gaussian likelihoods will "
-            "be served by an optimisation mode later. (If you meant to fix a latent "
+            + " (with .expand/.to_event or inside plates). For a non-Gaussian likelihood "
+            "(a classifier's cross-entropy, say) train with eki_infer.ml.EKIOptimizer, "
+            "which takes any loss. (If you meant to fix a latent "
             "parameter to a value, use numpyro.handlers.substitute rather than condition.)",
             name,
         )
