@@ -1322,12 +1322,12 @@ def run_smc(
             if np.any(reached < target):
                 warnings.warn(
                     f"SMC's final effective sample size {np.round(reached, 1).tolist()} (per "
-                    f"chain) stayed below its target {target:g} after {extra} extra moves: "
-                    "the chains at t = 1 stopped mixing (separated modes that no proposal "
-                    "crosses, or a region such as a funnel's neck that they barely leave), "
-                    "so the draws are worth fewer independent ones than their number. Mode "
-                    "masses come from the reweightings then; for more precision use more "
-                    "particles or chains.",
+                    f"chain) stayed below its target {target:g}: after {extra} extra moves "
+                    "it grew by less than 25 % while the chains doubled in length, as it "
+                    "does when chains stay in separate modes or in a region they barely "
+                    "leave (a funnel's neck), and as a noisy estimate from few chains can. "
+                    "The draws are worth fewer independent ones than their number; for more "
+                    "precision use more particles or chains.",
                     UserWarning,
                     stacklevel=2,
                 )

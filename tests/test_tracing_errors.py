@@ -32,7 +32,11 @@ def test_non_gaussian_likelihood():
         model,
         y=np.array([1, 2]),
         site="counts",
-        match=("Poisson", "Normal, MultivariateNormal, LowRankMultivariateNormal", "optimisation"),
+        match=(
+            "Poisson",
+            "Normal, MultivariateNormal, LowRankMultivariateNormal",
+            "optimisation mode, eki_infer.ml.EKIOptimizer",
+        ),
     )
 
 

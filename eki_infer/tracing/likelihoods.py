@@ -181,8 +181,8 @@ def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
             "Gaussian likelihood with known noise: one of "
             + ", ".join(GAUSSIAN_LIKELIHOODS)
             + " (with .expand/.to_event or inside plates). For a non-Gaussian likelihood "
-            "(a classifier's cross-entropy, say) train with eki_infer.ml.EKIOptimizer, "
-            "which takes any loss. (If you meant to fix a latent "
+            "(a classifier's cross-entropy, say) use the optimisation mode, "
+            "eki_infer.ml.EKIOptimizer, which takes any loss. (If you meant to fix a latent "
             "parameter to a value, use numpyro.handlers.substitute rather than condition.)",
             name,
         )
