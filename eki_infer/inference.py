@@ -589,6 +589,7 @@ class EKIInference:
             {
                 "num_stages": int(result.history.t.shape[1]),
                 "sequential_rounds": int(result.sequential_rounds),
+                "forward_runs": int(result.forward_runs),
                 "log_evidence": float(np.mean(result.log_evidence)),
                 "log_evidence_per_chain": [float(v) for v in result.log_evidence],
                 "chain_meaning": "independent SMC run (R-hat compares runs, not Markov chains)",

@@ -36,8 +36,9 @@ each stage
    only judge the particles it produced, not the regions its Gaussian map leaves out
    (see the measurements below).
    With several chains the transport's batches run the forward map on every chain's
-   particles when any chain needs them (one vmapped call, as the moves do), and each
-   active chain counts them.
+   particles when any chain needs them (one vmapped call, as the moves do); each
+   active chain counts them in ``forward_evaluations``, and ``forward_runs`` counts
+   every run made.
 2. **reweights and accumulates the evidence**: log Z += log Σ_i W_i exp(−Δt Φ_i);
 3. **resamples** systematically;
 4. **moves** particles with Metropolis–Hastings kernels that leave π_t invariant.
@@ -399,7 +400,11 @@ class SMCResult(NamedTuple):
         initial_particles: the prior draws the run started from ``(chains, N, d)``.
         log_evidence: log p(y) estimates ``(chains,)``.
         history: :class:`SMCHistory`.
-        forward_evaluations: per chain ``(chains,)``.
+        forward_evaluations: per chain ``(chains,)``: the forward runs each chain needed.
+        forward_runs: the forward runs made, all chains together: every batch runs the
+            forward map for every chain's particles (one vmapped call), also for chains
+            that are already at t = 1 or need no transport, so with several chains this
+            can exceed the sum of ``forward_evaluations``.
         sequential_rounds: batched forward calls that had to wait for each other
             (1 initial + the total number of moves + the Kalman transport's batches).
         state: the final :class:`SMCState` (chain axis first).
@@ -411,6 +416,7 @@ class SMCResult(NamedTuple):
     log_evidence: np.ndarray
     history: SMCHistory
     forward_evaluations: np.ndarray
+    forward_runs: int
     sequential_rounds: int
     state: SMCState
 
@@ -1159,6 +1165,8 @@ def run_smc(
             states = states._replace(p_independent=jnp.full_like(states.p_kalman, 0.1))
         initial = saved["initial"]
         evaluations = np.asarray(saved["evaluations"]).copy()
+        # a checkpoint from before this count: the chains' own counts are the best guess
+        runs = int(saved.get("runs", evaluations.sum()))
         records = {name: list(rows) for name, rows in saved["records"].items()}
         # a checkpoint from before the transport or the independence proposal
         for name, fill in (
@@ -1177,6 +1185,7 @@ def run_smc(
         states = init_chains(init_keys, int(num_particles), data, y, noise)
         initial = np.asarray(states.particles)
         evaluations = np.full(num_chains, num_particles, dtype=np.int64)
+        runs = num_chains * num_particles
         _check_finite(np.isfinite(np.asarray(states.misfit)).sum(axis=1), 0, "the prior draws")
         records = {name: [] for name in SMCHistory._fields}
         rounds, first_stage, finished = 1, 1, False
@@ -1194,6 +1203,7 @@ def run_smc(
                     "states": states,
                     "initial": initial,
                     "evaluations": evaluations,
+                    "runs": runs,
                     "records": records,
                     "rounds": rounds,
                     "finished": done,
@@ -1244,6 +1254,7 @@ def run_smc(
             if use_transport and probing.any():
                 maps, probe, p_ess = transport_probe(states, probe_rows, folds, data, y, noise)
                 evaluations += np.where(active, num_heads, 0)
+                runs += num_chains * num_heads
                 rounds += 1
                 tried = np.where(probing, np.asarray(p_ess), np.nan)
                 trying = probing & (tried >= transport_ess)
@@ -1252,6 +1263,7 @@ def run_smc(
                         keys, states, maps, probe, rest_rows, folds, data, y, noise
                     )
                     evaluations += np.where(active, num_particles - num_heads, 0)
+                    runs += num_chains * (num_particles - num_heads)
                     rounds += 1
                     transported = trying & (np.asarray(t_ess) >= transport_ess)
                     chosen = jnp.asarray(transported)
@@ -1282,6 +1294,7 @@ def run_smc(
                     acceptance[name].append(rate)
                 failed_total += np.where(active, n_failed, 0)
                 evaluations += np.where(active, num_heads, 0)
+                runs += num_chains * num_heads
                 moves, rounds = m, rounds + 1
                 if waste_free:
                     blocks.append(heads)
@@ -1332,6 +1345,7 @@ def run_smc(
                     stacklevel=2,
                 )
             evaluations += extra * num_heads
+            runs += num_chains * extra * num_heads
             rounds += extra
             ones = np.ones(num_chains, dtype=bool)
             record(
@@ -1372,6 +1386,7 @@ def run_smc(
         log_evidence=np.asarray(states.log_z) + const,
         history=history,
         forward_evaluations=evaluations,
+        forward_runs=runs,
         sequential_rounds=rounds,
         state=states,
     )

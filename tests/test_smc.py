@@ -356,6 +356,10 @@ def test_engine_smc_end_to_end():
     assert float(hist["t"][0, -1]) == 1.0
     assert engine.log_evidence.shape == (2,)
     assert engine.get_samples()["theta"].shape == (2 * draws, 5)
+    # every batch runs both chains: the runs made are at least the chains' own counts
+    attrs = dict(getattr(idata, "attrs", {})) or dict(group(idata, "posterior").attrs)
+    assert attrs["forward_runs"] >= attrs["forward_evaluations"]
+    assert attrs["forward_runs"] % 2 == 0
 
 
 def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
@@ -479,6 +483,10 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
     n = min(first.shape[1], second.shape[1])
     np.testing.assert_allclose(first[:, :n], second[:, :n], rtol=1e-8)
     np.testing.assert_allclose(alone.log_evidence[0], beside.log_evidence[0], rtol=1e-10)
+    # one chain runs the forward map only for itself; beside others, its batches carry
+    # theirs too (also once it is done)
+    assert alone.forward_runs == alone.forward_evaluations[0]
+    assert beside.forward_runs >= beside.forward_evaluations.sum()
     assert beside.particles.shape[1] >= alone.particles.shape[1]
 
 
