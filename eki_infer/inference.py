@@ -240,23 +240,17 @@ class EKIInference:
             "progress_bar": "progress_bar",
             "checkpoint": "run(..., checkpoint=...)",
         }
-        for name in sorted(set(self.smc_options) & set(engine_owned)):
+        clash = sorted(set(self.smc_options) & set(engine_owned))
+        if clash:
             raise ValueError(
-                f"smc_options[{name!r}] is set through the engine's {engine_owned[name]}."
+                f"smc_options[{clash[0]!r}] is set through the engine's {engine_owned[clash[0]]}."
             )
         particles = 1000 if self.ensemble_size is None else self.ensemble_size
-        length = self.smc_options.get("chain_length", 10)
-        waste_free = self.smc_options.get("waste_free", True)
-        if waste_free and isinstance(length, int) and length >= 2:
-            if particles % length or particles < 2 * length:
-                raise ValueError(
-                    f"method='smc' runs ensemble_size / chain_length waste-free Markov "
-                    f"chains: ensemble_size ({particles}) must be a multiple of chain_length "
-                    f"({length}), at least twice it (or pass "
-                    "smc_options={'waste_free': False})."
-                )
+        names = {"num_particles": "ensemble_size", "max_stages": "max_iterations"}
         try:
-            check_options(particles, self.num_chains, self.max_iterations, **self.smc_options)
+            check_options(
+                particles, self.num_chains, self.max_iterations, names=names, **self.smc_options
+            )
         except ValueError as err:
             raise ValueError(f"smc_options: {err}") from None
 

@@ -1017,11 +1017,19 @@ TUNING_OPTIONS = (
 
 
 def check_options(
-    num_particles: int, num_chains: int = 1, max_stages: int = 200, **options
+    num_particles: int,
+    num_chains: int = 1,
+    max_stages: int = 200,
+    *,
+    names: dict | None = None,
+    **options,
 ) -> None:
     """Raises ``ValueError`` naming the option for any bad :func:`run_smc` tuning option
     (unset ones take their defaults) or an unknown one, so that a run fails before it
-    compiles anything and an engine can check its options when it is built."""
+    compiles anything and an engine can check its options when it is built. ``names``
+    renames ``num_particles``, ``num_chains`` and ``max_stages`` in the messages (an
+    engine's own names for them)."""
+    names = {"num_particles": "num_particles", **(names or {})}
     unknown = sorted(set(options) - set(TUNING_OPTIONS))
     if unknown:
         raise ValueError(f"unknown SMC options {unknown}; the options are {list(TUNING_OPTIONS)}.")
@@ -1030,10 +1038,11 @@ def check_options(
     counts = {"num_particles": num_particles, "num_chains": num_chains, "max_stages": max_stages}
     counts |= {name: o[name] for name in ("chain_length", "min_moves", "max_moves")}
     for name, value in counts.items():
+        name = names.get(name, name)
         if not (isinstance(value, int | np.integer) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if num_particles < 2:
-        raise ValueError(f"num_particles must be at least 2, got {num_particles}.")
+        raise ValueError(f"{names['num_particles']} must be at least 2, got {num_particles}.")
     if o["schedule"] not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {o['schedule']!r}.")
     for name in ("ess_target", "rw_acceptance", "kalman_acceptance", "corr_threshold"):
@@ -1051,8 +1060,8 @@ def check_options(
     length = o["chain_length"]
     if length < 2 or num_particles % length or num_particles < 2 * length:
         raise ValueError(
-            f"waste-free SMC runs num_particles / chain_length Markov chains of "
-            f"chain_length states: num_particles ({num_particles}) must be a multiple "
+            f"waste-free SMC runs {names['num_particles']} / chain_length Markov chains of "
+            f"chain_length states: {names['num_particles']} ({num_particles}) must be a multiple "
             f"of chain_length ({length}) with at least 2 chains, and "
             "chain_length >= 2 (or pass waste_free=False)."
         )
