@@ -9,12 +9,13 @@ fraction of particles with A < 0 with the exact mass of π_t at the stage's temp
 (quadrature on a 801² grid in whitened space). Variants: the defaults (waste-free;
 random-walk, Kalman and independence proposals), without the independence proposal
 (``p_independent=0``), random-walk moves only (``p_kalman=0, p_independent=0``),
-resample-move, and resample-move with random-walk moves only; for each stage after the
-first it also shows
-the mirror's share of the weights the stage's reweighting gives the previous stage's
-particles (before resampling), which tells the reweighting's noise from that of the
-resampling and the moves. Finer schedules (``ess_target`` 0.6 and 0.85) are shown by
-their mirror mass at t = 1 only.
+resample-move, and resample-move with random-walk moves only. For each stage after the
+first it also shows the mirror's share of the weights the stage's reweighting gives the
+previous stage's particles (before resampling), which tells the reweighting's noise from
+that of the resampling and the moves, and for every stage where on the mirror side its
+particles sit (their mean amplitude against that of π_t restricted to A < 0). Finer
+schedules (``ess_target`` 0.6 and 0.85) and 3000 particles are shown by their mirror
+mass at t = 1 only.
 
 It also measures what the best any sampler could do with 1000 draws: for data seeds 0-2,
 200 sets of 1000 independent exact draws from the grid posterior, and how often their
@@ -63,10 +64,12 @@ VARIANTS = {
         "p_independent": 0.0,
     },
 }
-# finer schedules take many more stages: only their mirror mass at t = 1 is shown
-FINE_SCHEDULES = {
-    "waste-free, ess_target 0.6": {"ess_target": 0.6},
-    "waste-free, ess_target 0.85": {"ess_target": 0.85},
+# finer tempering schedules and more particles: only their mirror mass at t = 1 is shown
+# (name: (particles, options))
+AT_ONE = {
+    "waste-free, ess_target 0.6": (1000, {"ess_target": 0.6}),
+    "waste-free, ess_target 0.85": (1000, {"ess_target": 0.85}),
+    "waste-free, 3000 particles": (3000, {}),
 }
 
 
@@ -91,10 +94,17 @@ def tempered_weights(phi, log_prior, t):
     return w / w.sum()
 
 
-def exact_mirror_mass(problem):
-    """t ↦ the exact mass of A < 0 under π_t (quadrature in whitened space)."""
+def exact_mirror(problem):
+    """t ↦ (the exact mass of A < 0 under π_t, the mean amplitude of π_t restricted to
+    A < 0), by quadrature in whitened space."""
     phi, log_prior, amplitude = grid_posterior(problem)
-    return lambda t: float(tempered_weights(phi, log_prior, t)[amplitude < 0].sum())
+    mirror = amplitude < 0
+
+    def at(t):
+        w = tempered_weights(phi, log_prior, t)[mirror]
+        return float(w.sum()), float(w @ amplitude[mirror] / w.sum())
+
+    return at
 
 
 def reweighted_mirror_mass(state, amplitude, ess_target):
@@ -137,13 +147,13 @@ def main(argv=None):
     args, y = exp_sine.simulate_data(jax.random.PRNGKey(opts.seed))
     problem = trace_model(exp_sine.model, *args, y=y)
     transform = jax.jit(problem.prior_transform)
-    exact = exact_mirror_mass(problem)
+    exact = exact_mirror(problem)
     results = {}
     for name, options in VARIANTS.items():
         rows = []
         before = [None] * opts.keys  # each key's population after the previous stage
         for stage in range(1, opts.stages + 1):
-            fractions, temperatures, reweighted = [], [], []
+            fractions, temperatures, reweighted, places = [], [], [], []
             for r in range(opts.keys):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "max_stages reached before t = 1"
@@ -157,6 +167,8 @@ def main(argv=None):
                 amplitude = np.asarray(transform(result.particles[0])["amplitude"])
                 before[r] = (jax.tree.map(lambda a: a[0], result.state), amplitude)
                 fractions.append(float(np.mean(amplitude < 0)))
+                if np.any(amplitude < 0):
+                    places.append(float(np.mean(amplitude[amplitude < 0])))
                 temperatures.append(float(result.history.t[0, stage - 1]))
             rows.append(
                 {
@@ -164,16 +176,18 @@ def main(argv=None):
                     "t": temperatures,
                     "reweighted": reweighted,
                     "mirror": fractions,
-                    "exact": [exact(t) for t in temperatures],
+                    "mirror_amplitude": places,
+                    "exact": [exact(t)[0] for t in temperatures],
+                    "exact_amplitude": [exact(t)[1] for t in temperatures],
                 }
             )
             print(name, stage, f"{100 * np.mean(fractions):.2f} %", flush=True)
         results[name] = rows
     at_one = {}
-    for name, options in FINE_SCHEDULES.items():
+    for name, (particles, options) in AT_ONE.items():
         fractions, stages = [], []
         for r in range(opts.keys):
-            result = run_smc(problem, jax.random.PRNGKey(500 + r), 1000, 1, **options)
+            result = run_smc(problem, jax.random.PRNGKey(500 + r), particles, 1, **options)
             amplitude = np.asarray(transform(result.particles[0])["amplitude"])
             fractions.append(float(np.mean(amplitude < 0)))
             stages.append(int(np.sum(result.history.dt[0] > 0)))
@@ -189,12 +203,15 @@ def main(argv=None):
         "mass at the stage's temperature (mean over keys). 'Reweighted': the mirror's share "
         "of the weights the stage gives the previous stage's particles, before it "
         "resamples and moves them (the importance-sampling estimate of that mass). "
+        "'Mirror particles at A': the mean amplitude of the particles with A < 0 (mean over "
+        "the keys that have any) against the mean amplitude of π_t restricted to A < 0: "
+        "where on the mirror side the particles sit and where its mass is. "
         f"x86_64 CPU, Python {platform.python_version()}, jax {jax.__version__}; "
         f"{time.perf_counter() - start:.0f} s wall.",
         "",
         "| variant | stage | t (mean) | reweighted (mean; min-max) "
-        "| SMC mirror mass (mean; min-max) | exact |",
-        "|---|---|---|---|---|---|",
+        "| SMC mirror mass (mean; min-max) | exact | mirror particles at A | exact |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def spread(values):
@@ -203,16 +220,21 @@ def main(argv=None):
         m = 100 * np.asarray(values)
         return f"{m.mean():.2f} % ({m.min():.2f}-{m.max():.1f})"
 
+    def place(values):
+        return f"{np.mean(values):.2f} ({len(values)} keys)" if len(values) else "–"
+
     for name, rows in results.items():
         for row in rows:
             lines.append(
                 f"| {name} | {row['stage']} | {np.mean(row['t']):.3g} "
                 f"| {spread(row['reweighted'])} | {spread(row['mirror'])} "
-                f"| {100 * np.mean(row['exact']):.2f} % |"
+                f"| {100 * np.mean(row['exact']):.2f} % "
+                f"| {place(row['mirror_amplitude'])} | {np.mean(row['exact_amplitude']):.2f} |"
             )
     lines += [
         "",
-        f"Finer tempering schedules, mirror mass at t = 1 (exact {100 * exact(1.0):.2f} %):",
+        "Finer tempering schedules and more particles, mirror mass at t = 1 "
+        f"(exact {100 * exact(1.0)[0]:.2f} %):",
         "",
         "| variant | stages (mean) | SMC mirror mass at t = 1 (mean; min-max) |",
         "|---|---|---|",
