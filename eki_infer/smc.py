@@ -193,42 +193,43 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
 - Known limitation, exp_sine: the posterior has a mirror mode (amplitude < 0) of
   0.7-2.3 % of the mass. SMC lost it on all three seeds (resample-move: 0.20, 0 and 0 %
   against 0.90, 2.27 and 0.70 %), so the whole posterior's amplitude sd is off by up to
-  0.305 (resample-move 0.295), while the main mode is accurate (means within 0.022 sd, sds
-  within 5.6 %). ``benchmarks/smc_mirror_mode.py`` follows the mirror mass stage by
+  0.305 (resample-move 0.295), while the main mode is accurate (means within 0.022 sd,
+  sds within 5.6 %). ``benchmarks/smc_mirror_mode.py`` follows the mirror mass stage by
   stage (data seed 1, 8 keys) and, for each stage, the mirror's share of the weights its
   reweighting gives the previous stage's particles. Applied to exact draws of π_t the
   moves keep each mode's share (``tests/test_smc.py``), but the population is not made
   of exact draws: the second stage (t ≈ 0.01 → 0.08) reweights the 9-31 particles on the
   mirror side (as placed by the first stage's moves) to 0.65-3.5 % of the weight (exact
   1.9 %; without the independence proposal 0.04-2.6 %), its moves then carry part of
-  them to the main mode (1.09 % after them, mean of 8 keys), and those left stay near
-  A = 0, where the mirror's arm of the posterior meets the main mode's (their mean
-  amplitude is -0.23 after the second stage, while π_t's mirror mass is centred at -0.52
-  and moves out to -0.79 by the third stage's t ≈ 0.49). The proposals' statistics come
-  from the whole population, 98 % of it in the main mode, and barely move the mirror's
-  particles along their own arm, so the third stage's reweighting gives them 0.33 % of
-  the weight (exact 2.04 %) and by t = 1 the mirror is empty on all 8 keys (without the
-  independence proposal 0.62 %, 0-5.0 %). Resample-move with random-walk moves only keeps
-  the particles nearer the mirror's mass (-0.46 after the second stage) and the mass on
-  average (2.31 % at t = 1), but the 8 runs range over 0.2-6.3 %, while 1000 independent
-  exact draws get the amplitude sd within 10 % in 91.5-94.5 % of sets (median error
-  0.04): every reweighting of so few particles adds spread. Neither a finer schedule
-  (``ess_target`` 0.85: 0 % on all 8 keys) nor 3000 particles (0.92 % on average,
-  0-2.3 %) keeps it. Keeping a 1-2 % mode to 10 % would take many more particles on its side or
-  moves that find a mode the population has lost. Two further remedies were tried in
-  runs kept out of ``benchmarks/`` and not adopted. A mode-jumping move (Tjelmeland &
-  Hegstad 2001: an affine involution between the components of a Gaussian mixture fitted
-  to each stage's population, with its exact MH ratio) failed because by the time the
-  modes separate the mirror holds too few particles to form a component, and once it is
-  empty no jump leads back. Resampling stratified by groups of particles (each group
-  kept at a minimum share of the offspring, its mass carried in the weights) did not
-  keep it either: the mirror separates from the main mode only after the second stage's
-  reweighting has set its weight, and groups found earlier (k-means) kept particles on
-  that side but away from the mode. A random walk whose covariance is that of each
-  particle's nearest neighbours in the stage's population (k from 10 to 150, the reverse
-  move's covariance in its MH ratio), run with random-walk moves only on 4 keys, did no
-  better than the population's covariance. NUTS (one chain, 1000 draws) had no mirror draws on
-  any of the three seeds either.
+  them to the main mode (1.09 % after them, mean of 8 keys). A waste-free stage restarts
+  N/P = 100 Markov chains from resampled particles, so the mirror side gets one or two,
+  and their states stay near A = 0, where the mirror's arm of the posterior meets the
+  main mode's (mean amplitude -0.23 after the second stage, while π_t's mirror mass is
+  centred at -0.52 and moves out to -0.79 by the third stage's t ≈ 0.49). The third
+  stage's reweighting then gives them 0.33 % of the weight (exact 2.04 %), and by t = 1
+  the mirror is empty on all 8 keys (without the independence proposal 0.62 %, 0-5.0 %).
+  Resample-move, which moves every particle, leaves them nearer the mirror's mass (-0.43
+  after the second stage; -0.46 with random-walk moves only), and with random-walk moves
+  only it keeps the mass on average (2.31 % at t = 1), but the 8 runs range over
+  0.2-6.3 %, while 1000 independent exact draws get the amplitude sd within 10 % in
+  91.5-94.5 % of sets (median error 0.04): every reweighting of so few particles adds
+  spread. Neither a finer schedule (``ess_target`` 0.85: 0 % on all 8 keys) nor 3000
+  particles (0.92 % on average, 0-2.3 %) keeps it. Keeping a 1-2 % mode to 10 % would
+  take many more particles on its side or moves that find a mode the population has
+  lost. Three further remedies were tried in runs kept out of ``benchmarks/`` and not
+  adopted. A mode-jumping move (Tjelmeland & Hegstad 2001: an affine involution between
+  the components of a Gaussian mixture fitted to each stage's population, with its exact
+  MH ratio) failed because by the time the modes separate the mirror holds too few
+  particles to form a component, and once it is empty no jump leads back. Resampling
+  stratified by groups of particles (each group kept at a minimum share of the
+  offspring, its mass carried in the weights) did not keep it either: the mirror
+  separates from the main mode only after the second stage's reweighting has set its
+  weight, and groups found earlier (k-means) kept particles on that side but away from
+  the mode. A random walk whose covariance is that of each particle's nearest neighbours
+  in the stage's population (k from 10 to 150, the reverse move's covariance in its MH
+  ratio), run with random-walk moves only on 4 keys, did no better than the population's
+  covariance. NUTS (one chain, 1000 draws) had no mirror draws on any of the three seeds
+  either.
 """
 
 from __future__ import annotations

@@ -224,10 +224,11 @@ def test_moves_leave_a_bimodal_tempered_target_invariant():
     amplitude < 0, by quadrature on a grid in whitened space) stay exact under 20 moves of
     the SMC kernel (Kalman, random-walk and independence proposals, adapted as in a
     stage; the last with a t component on each mode): each mode's share and moments are
-    kept within their Monte-Carlo error. This is why SMC's loss of
-    that mirror mode is a matter of the reweightings, not of the moves
-    (benchmarks/results/smc_mirror_mode.md); a missing Hastings correction in the Kalman
-    proposal fails it."""
+    kept within their Monte-Carlo error. So SMC's loss of that mirror mode
+    (benchmarks/results/smc_mirror_mode.md) is not a bias of the kernel: it comes from a
+    population that is not made of exact draws (few chains on the mirror side, slow to
+    follow its mass, then reweighted). A missing Hastings correction in the Kalman
+    proposal fails this test."""
     from eki_infer.smc import _misfit, init, move, move_stats
 
     args, y = exp_sine.simulate_data(jax.random.PRNGKey(1))
