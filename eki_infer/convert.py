@@ -11,7 +11,8 @@ Conventions (documented for users in the README):
   (EKI/EKS) or Gaussian draw (UKI). Latent and deterministic sites.
 - ``prior``: the initial ensemble pushed through the prior transform.
 - ``posterior_predictive``: observation draws G(u) + N(0, Γ) per member.
-- ``log_likelihood``: pointwise log-likelihood per observation (LOO/WAIC).
+- ``log_likelihood``: pointwise log-likelihood (LOO/WAIC), per event of each observed
+  site as NumPyro gives it (a plate element; a ``.to_event`` site is one).
 - ``observed_data``: the data.
 - ``sample_stats``: per-draw ``data_misfit`` (½‖Γ^{-1/2}(y − G(u))‖²) and ``failed``.
 - ``ensemble_history``: per-iteration arrays with dims (chain, iteration): ``t``, ``dt``,
@@ -101,6 +102,8 @@ def to_arviz(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ensemble_history.*")
             idata.add_groups({"ensemble_history": history_dataset(history)})
+    for name in idata.groups():  # every group carries them, as on 1.x
+        getattr(idata, name).attrs.update(attrs)
     return idata
 
 

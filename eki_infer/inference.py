@@ -41,8 +41,8 @@ from eki_infer.blas_threads import limited_blas_threads
 from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
-from eki_infer.keys import chain_keys, fold_keys
-from eki_infer.model_args import split_model_args
+from eki_infer.keys import chain_keys, check_rng_key, fold_keys
+from eki_infer.model_args import model_fingerprint, split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
 
@@ -116,11 +116,15 @@ class EKIInference:
             EKS.
         max_iterations: upper bound on iterations (default 100 for EKI/UKI, 200 for
             EKS). EKS and schedulers that never terminate run exactly this many.
-        num_samples: posterior draws per chain for UKI (from its Gaussian).
-        eki_variant: ``"perturbed"`` (perturbed observations, default) or
+        num_samples: posterior draws per chain for UKI (from its Gaussian); the other
+            methods' draws are their members or particles, and they ignore it.
+        eki_variant: EKI only: ``"perturbed"`` (perturbed observations, default) or
             ``"transform"`` (deterministic square-root update).
-        aldi: EKS with the ALDI finite-ensemble correction (default True).
-        uki_mode: ``"tempering"`` (default, prior to T = 1) or ``"iterative"``.
+        aldi: EKS only: the ALDI finite-ensemble correction (default True).
+        uki_mode: UKI only: ``"tempering"`` (default, prior to T = 1) or
+            ``"iterative"``. These three, and ``smc_options``, raise a ValueError when
+            given to another method (rather than being ignored); so do counts that are
+            not integers (flags that are not bools raise a TypeError).
         chain_method: ``"vectorized"`` (default: all chains in one vmapped computation)
             or ``"sequential"`` (one chain after another, less memory). Either way chain
             c depends only on ``(rng_key, c)``; sequential chains are bit-identical
@@ -134,6 +138,8 @@ class EKIInference:
             :mod:`eki_infer.executors` instance (serial, threads, processes, Dask).
             Default: serial. JAX forward maps ignore it (they are vmapped).
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
+        smc_options: SMC only: tuning keywords for :func:`eki_infer.smc.run_smc`
+            (checked when the engine is built).
         blas_threads: threads the BLAS/LAPACK library (SciPy's OpenBLAS, which jaxlib
             uses for CPU factorisations) may use during a run, restored afterwards
             (:mod:`eki_infer.blas_threads`). Default 1: an ensemble step's
@@ -152,9 +158,9 @@ class EKIInference:
         scheduler=None,
         max_iterations: int | None = None,
         num_samples: int = 1000,
-        eki_variant: str = "perturbed",
-        aldi: bool = True,
-        uki_mode: str = "tempering",
+        eki_variant: str | None = None,
+        aldi: bool | None = None,
+        uki_mode: str | None = None,
         chain_method: str = "vectorized",
         keep_path: bool = False,
         executor=None,
@@ -162,27 +168,45 @@ class EKIInference:
         smc_options: dict | None = None,
         blas_threads: int | None = 1,
     ):
+        if not callable(model):
+            raise TypeError(
+                f"model must be a NumPyro model (a callable), got {type(model).__name__}."
+            )
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        if int(num_chains) < 1:
-            raise ValueError(f"num_chains must be a positive integer, got {num_chains}.")
-        if ensemble_size is not None and int(ensemble_size) < 2:
-            raise ValueError(
-                f"ensemble_size must be at least 2 (ensemble covariances need two members), "
-                f"got {ensemble_size}."
+        _check_count("num_chains", num_chains, 1)
+        if ensemble_size is not None:
+            _check_count(
+                "ensemble_size", ensemble_size, 2, "(ensemble covariances need two members)"
             )
-        if max_iterations is not None and int(max_iterations) < 1:
-            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
+        if max_iterations is not None:
+            _check_count("max_iterations", max_iterations, 1)
         if chain_method not in ("vectorized", "sequential"):
             raise ValueError(
                 f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}."
             )
-        if int(num_samples) < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}.")
-        if blas_threads is not None and int(blas_threads) < 1:
-            raise ValueError(
-                f"blas_threads must be a positive integer or None, got {blas_threads}."
-            )
+        _check_count("num_samples", num_samples, 1)
+        if blas_threads is not None:
+            _check_count("blas_threads", blas_threads, 1, "(or None)")
+        for name, value in (("keep_path", keep_path), ("progress_bar", progress_bar)):
+            _check_flag(name, value)
+        method_options = {
+            "eki_variant": (eki_variant, "eki", _processes.EKI_VARIANTS),
+            "aldi": (aldi, "eks", (True, False)),
+            "uki_mode": (uki_mode, "uki", _processes.UKI_MODES),
+            "smc_options": (smc_options, "smc", None),
+        }
+        for name, (value, owner, allowed) in method_options.items():
+            if value is None:
+                continue
+            if method != owner:
+                raise ValueError(
+                    f"{name} applies to method={owner!r} only; this engine's method is {method!r}."
+                )
+            if name == "aldi":
+                _check_flag(name, value)
+            elif allowed is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         self.model = model
         self.method = method
         self.ensemble_size = None if ensemble_size is None else int(ensemble_size)
@@ -192,9 +216,9 @@ class EKIInference:
             _default_max_iterations(method) if max_iterations is None else int(max_iterations)
         )
         self.num_samples = int(num_samples)
-        self.eki_variant = eki_variant
-        self.aldi = bool(aldi)
-        self.uki_mode = uki_mode
+        self.eki_variant = "perturbed" if eki_variant is None else eki_variant
+        self.aldi = True if aldi is None else bool(aldi)
+        self.uki_mode = "tempering" if uki_mode is None else uki_mode
         self.chain_method = chain_method
         self.keep_path = bool(keep_path)
         self.executor = executor
@@ -295,6 +319,11 @@ class EKIInference:
         """
         if resume and checkpoint is None:
             raise ValueError("resume=True needs the checkpoint path to resume from.")
+        check_rng_key(rng_key)
+        # a run that raises leaves no result of an earlier run behind (only ``history``
+        # and ``path`` with what it recorded, for diagnosis)
+        self.inference_data = self._samples = self._final_state = None
+        self.log_evidence = self.history = self.path = self.problem = None
         with using_executor(self.executor), limited_blas_threads(self.blas_threads):
             return self._run(rng_key, model_args, model_kwargs, checkpoint, resume)
 
@@ -313,7 +342,8 @@ class EKIInference:
         key = None
         if signature is not None:
             config = (self.method, self.ensemble_size, self.eki_variant, self.aldi, self.uki_mode)
-            key = (signature, repr(problem), config, scheduler)
+            key = (self.model, signature, repr(problem), config, scheduler)
+            key += (model_fingerprint(self.model),)
         if key is not None and key in self._compiled:
             process, steps = self._compiled[key]
         else:
@@ -350,6 +380,8 @@ class EKIInference:
         self.history = RunHistory(**run.records)
         self.path = run.path
         self._final_state = run.state
+        points = 2 * problem.dim + 1 if self.method == "uki" else run.outputs.shape[1]
+        _warn_about_failures(self.method, self.history.num_failed, points, run.failed)
         self.inference_data = self._to_arviz(
             problem,
             run,
@@ -432,7 +464,10 @@ class EKIInference:
                     break
                 try:
                     _processes.check_failures(
-                        failed_np[~was_done], iteration, chain_ids=np.asarray(chain_ids)[~was_done]
+                        failed_np[~was_done],
+                        iteration,
+                        chain_ids=np.asarray(chain_ids)[~was_done],
+                        points="sigma points" if self.method == "uki" else "ensemble members",
                     )
                 except _processes.EnsembleFailureError as error:
                     self._keep_partial(records, path, num_chains)
@@ -531,6 +566,16 @@ class EKIInference:
         from eki_infer.smc import SMCError, run_smc
 
         num = self.ensemble_size or 1000
+        if num <= problem.dim:
+            warnings.warn(
+                f"ensemble_size={num} particles for d={problem.dim} latent dimensions: the "
+                "population covariance that SMC's moves are drawn with is singular (only "
+                "its regularisation moves the particles off a subspace), so the chains mix "
+                "slowly and the posterior spread comes out too small. Use many more "
+                "particles than d (default 1000).",
+                UserWarning,
+                stacklevel=3,
+            )
         checkpoint = None
         if checkpoint_path is not None:
             fingerprint = (
@@ -702,14 +747,67 @@ def _with_simulator_errors(error, executor):
     return type(error)(f"{error} First simulator error (member {member}): {text}")
 
 
+def _check_count(name: str, value, minimum: int, why: str = "") -> None:
+    """Raises naming the option unless ``value`` is an integer ≥ ``minimum`` (bools,
+    floats and strings are refused rather than rounded or parsed)."""
+    integer = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    if not integer or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {bound}{' ' + why if why else ''}, got {value!r}.")
+
+
+def _check_flag(name: str, value) -> None:
+    """Raises naming the option unless ``value`` is a bool (a string such as "no" is not)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+
+
+def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> None:
+    """Warns where the forward map failed for most of an iteration's points (the update
+    then rests on the few that succeeded) and where final draws failed: those stay in the
+    posterior (for EKI and EKS they are the ensemble; for UKI, draws of its Gaussian) with
+    NaN ``log_likelihood`` and ``posterior_predictive``, so ``az.loo``/``az.waic`` of the
+    result are NaN; ``sample_stats.failed`` marks them."""
+    num_failed = np.asarray(num_failed)
+    what = "sigma points" if method == "uki" else "members"
+    if num_failed.size and num_failed.max() > points / 2:
+        chain, iteration = np.unravel_index(np.argmax(num_failed), num_failed.shape)
+        warnings.warn(
+            f"{method.upper()}: the forward map failed (non-finite output) for more than half "
+            f"of the {points} {what} at some iteration (worst: {int(num_failed.max())} at "
+            f"iteration {iteration} of chain {chain}; history.num_failed has them all). "
+            "Each update used only the members that succeeded, so the ensemble describes "
+            "the region where the forward map works; check it there.",
+            UserWarning,
+            stacklevel=3,
+        )
+    final_failed = np.asarray(final_failed)
+    if final_failed.any():
+        per_chain = final_failed.sum(axis=-1).tolist()
+        warnings.warn(
+            f"{method.upper()}: the forward map failed for {per_chain} of the "
+            f"{final_failed.shape[-1]} final draws (per chain). They stay in the posterior "
+            "(the approximation holds them) with NaN log_likelihood and "
+            "posterior_predictive, so az.loo/az.waic of this result are NaN; "
+            "sample_stats.failed marks them.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _normal_pointwise_log_likelihood(problem, outputs):
-    """Elementwise Normal log-densities of the data given the outputs already computed,
-    without running the model again (every observed site is a Normal, so its block of Γ
-    is diagonal and the diagonal of Γ holds its variances)."""
+    """The pointwise log-likelihood (:meth:`InverseProblem.pointwise_log_likelihood`:
+    per event of each site's distribution, as NumPyro gives it) from the outputs already
+    computed, without running the model again: every observed site is a Normal, so its
+    block of Γ is diagonal and holds its variances, and a site's event dims are summed."""
     variance = problem.noise.variances()
     residual = problem.observations - outputs
     log_density = -0.5 * (residual**2 / variance + jnp.log(2 * jnp.pi * variance))
-    return problem.unflatten_observations(log_density)
+    per_element = problem.unflatten_observations(log_density)
+    return {
+        site.name: jnp.sum(per_element[site.name], axis=tuple(range(-site.density_ndim, 0)))
+        for site in problem.observed_sites
+    }
 
 
 class _ChainRun(NamedTuple):

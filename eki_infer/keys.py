@@ -9,8 +9,28 @@ of chains, and checkpoints need no RNG state. Both functions are jitted once; an
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["chain_keys", "fold_keys"]
+__all__ = ["chain_keys", "check_rng_key", "fold_keys"]
+
+
+def check_rng_key(rng_key) -> None:
+    """Raises a TypeError naming ``rng_key`` unless it is one JAX PRNG key: a typed key
+    of shape () (``jax.random.key``) or a raw uint32 key of shape (2,)
+    (``jax.random.PRNGKey``). Checked before the model is traced, so that a seed passed
+    as an int or a batch of keys is caught at once, not deep inside a compiled step."""
+    shape = getattr(rng_key, "shape", None)
+    dtype = getattr(rng_key, "dtype", None)
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype is not None and not typed and np.dtype(dtype) == np.uint32
+    if (typed and shape == ()) or (raw and shape == (2,)):
+        return
+    what = f"{type(rng_key).__name__}" + (f" of shape {shape}, dtype {dtype}" if shape else "")
+    raise TypeError(
+        f"rng_key must be one JAX PRNG key, e.g. jax.random.PRNGKey(0) or "
+        f"jax.random.key(0); got {what}. (Chains get their own keys from it.)"
+    )
 
 
 @jax.jit

@@ -5,16 +5,91 @@ per-iteration steps) compile functions of the model's arguments. Passing the arr
 leaves as jit arguments and keying a cache on everything else lets a second run on new
 data of the same shapes reuse the compiled code, and keeps large data out of the
 compiled program's constants.
+
+What a model reads from outside its arguments (module globals, closure cells) is baked
+into the compiled code as constants instead, so the caches also key on
+:func:`model_fingerprint`, a digest of those values: a script that changes a global
+array and runs again gets code compiled for the new values, not the old ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import types
 
 import jax
 import numpy as np
 
-__all__ = ["split_model_args", "with_model_args"]
+__all__ = ["model_fingerprint", "split_model_args", "with_model_args"]
+
+_SCALARS = (bool, int, float, complex, str, bytes, np.generic)
+# libraries whose functions a model calls but whose module state is not the model's data
+_LIBRARIES = ("numpyro", "jax", "jaxlib", "numpy", "scipy", "eki_infer")
+
+
+def model_fingerprint(model, depth: int = 4) -> tuple:
+    """A hashable digest of the values ``model`` reads from module globals and closure
+    cells: numbers, strings, arrays (by a SHA-1 of their bytes, dtype and shape) and
+    short tuples or lists of them, found by following the functions it refers to (and
+    ``functools.partial`` objects) up to ``depth`` calls deep. Modules, classes, other
+    objects and the functions of NumPyro, JAX, NumPy, SciPy and eki_infer are not looked
+    into; a model that reads data from one of those (an attribute of a module, say)
+    should take it as an argument instead."""
+    items: list = []
+    seen: set = set()
+
+    def digest(value):
+        if isinstance(value, _SCALARS):
+            return value
+        if isinstance(value, np.ndarray | jax.Array):
+            array = np.asarray(value)
+            return (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+        if isinstance(value, tuple | list) and len(value) <= 64:
+            parts = [digest(v) for v in value]
+            return None if any(p is None for p in parts) else tuple(parts)
+        return None
+
+    def visit(label, value, level):
+        if isinstance(value, functools.partial):
+            visit(label, value.func, level)
+            for i, arg in enumerate((*value.args, *value.keywords.values())):
+                visit(f"{label}.<arg {i}>", arg, level)
+        elif isinstance(value, types.FunctionType):
+            visit_function(value, level - 1)
+        else:
+            d = digest(value)
+            if d is not None:
+                items.append((label, d))
+
+    def names_in(code):
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= names_in(const)
+        return names
+
+    def visit_function(fn, level):
+        if level < 0 or id(fn) in seen:
+            return
+        if (fn.__module__ or "").split(".")[0] in _LIBRARIES:
+            return
+        seen.add(id(fn))
+        code, scope = fn.__code__, fn.__globals__
+        where = f"{fn.__module__}.{fn.__qualname__}"
+        for name in sorted(names_in(code)):
+            if name in scope:
+                visit(f"{fn.__module__}.{name}", scope[name], level)
+        for name, cell in zip(code.co_freevars, fn.__closure__ or (), strict=False):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            visit(f"{where}.<{name}>", value, level)
+
+    visit("model", model, depth + 1)
+    return tuple(items)
 
 
 def _is_array(leaf) -> bool:

@@ -253,7 +253,7 @@ from eki_infer.kalman_transport import (
     transport_log_weights,
 )
 from eki_infer.keys import chain_keys, fold_keys
-from eki_infer.model_args import split_model_args, with_model_args
+from eki_infer.model_args import model_fingerprint, split_model_args, with_model_args
 from eki_infer.population_groups import split_groups
 
 __all__ = [
@@ -843,7 +843,13 @@ def _compiled_steps(problem, options):
         return _compile(problem, None, options), data
     key = None
     if signature is not None:
-        key = (problem.model, signature, repr(problem), tuple(sorted(options.items())))
+        key = (
+            problem.model,
+            signature,
+            repr(problem),
+            tuple(sorted(options.items())),
+            model_fingerprint(problem.model),
+        )
         if key in _COMPILED:
             return _COMPILED[key], data
     steps = _compile(problem, rebuild, options)
@@ -1072,9 +1078,9 @@ def check_options(
     if length < 2 or num_particles % length or num_particles < 2 * length:
         raise ValueError(
             f"waste-free SMC runs {names['num_particles']} / chain_length Markov chains of "
-            f"chain_length states: {names['num_particles']} ({num_particles}) must be a multiple "
-            f"of chain_length ({length}) with at least 2 chains, and "
-            "chain_length >= 2 (or pass waste_free=False)."
+            f"chain_length states, and needs two or more of them: {names['num_particles']} "
+            f"({num_particles}) must be a multiple of chain_length ({length}) and at least "
+            f"{2 * length}, and chain_length >= 2 (or pass waste_free=False)."
         )
     if o["final_ess"] is not None and not o["final_ess"] >= 2:
         raise ValueError(

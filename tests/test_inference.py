@@ -187,11 +187,59 @@ def test_progress_bar_shows_iterations(linear_data, capsys):
         ({"num_chains": 0}, "num_chains"),
         ({"max_iterations": 0}, "max_iterations"),
         ({"blas_threads": 0}, "blas_threads"),
+        # counts are integers: not rounded, not parsed
+        ({"ensemble_size": 20.9}, r"ensemble_size must be an integer >= 2 .* got 20.9"),
+        ({"num_chains": 2.7}, r"num_chains must be a positive integer, got 2.7"),
+        ({"max_iterations": "20"}, r"max_iterations must be a positive integer, got '20'"),
+        ({"num_samples": True}, r"num_samples must be a positive integer, got True"),
+        # method-specific options: checked when the engine is built, refused elsewhere
+        ({"eki_variant": "perturbd"}, r"eki_variant must be one of \('perturbed', 'transform'\)"),
+        ({"method": "uki", "uki_mode": "tempered"}, r"uki_mode must be one of"),
+        ({"method": "uki", "eki_variant": "transform"}, r"eki_variant applies to method='eki'"),
+        ({"aldi": False}, r"aldi applies to method='eks' only; this engine's method is 'eki'"),
+        ({"uki_mode": "iterative"}, r"uki_mode applies to method='uki' only"),
+        ({"smc_options": {"ess_target": 0.5}}, r"smc_options applies to method='smc' only"),
     ],
 )
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EKIInference(linear_model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"model": None}, "model must be a NumPyro model"),
+        ({"method": "eks", "aldi": "no"}, r"aldi must be True or False, got 'no'"),
+        ({"progress_bar": 1}, r"progress_bar must be True or False"),
+    ],
+)
+def test_options_of_the_wrong_type_are_named(kwargs, match):
+    kwargs = {"model": linear_model, **kwargs}
+    with pytest.raises(TypeError, match=match):
+        EKIInference(**kwargs)
+
+
+@pytest.mark.parametrize("key", [0, np.zeros(2), jax.random.split(jax.random.PRNGKey(0), 3)])
+def test_a_bad_rng_key_is_refused_before_tracing(linear_data, key):
+    X, y = linear_data
+    engine = EKIInference(linear_model, "eki", ensemble_size=20, progress_bar=False)
+    with pytest.raises(TypeError, match="rng_key must be one JAX PRNG key"):
+        engine.run(key, X, y=y)
+    assert engine.problem is None  # refused before the model was traced
+
+
+def test_a_failed_run_leaves_no_earlier_result_behind(linear_data):
+    """After a run that raises, the engine holds no samples or ArviZ object of an
+    earlier run next to the failed run's problem and history."""
+    X, y = linear_data
+    engine = EKIInference(linear_model, "eki", ensemble_size=20, progress_bar=False)
+    engine.run(jax.random.PRNGKey(0), X, y=y)
+    with pytest.raises(ValueError):
+        engine.run(jax.random.PRNGKey(0), X, y=np.full(6, np.nan))
+    assert engine.inference_data is None
+    with pytest.raises(RuntimeError, match="No samples yet"):
+        engine.get_samples()
 
 
 def test_small_ensemble_warns(linear_data):
@@ -249,3 +297,120 @@ def test_blas_threads_are_limited_during_a_run_and_restored_after():
             engine.run(jax.random.PRNGKey(0), y=jnp.array([0.5, 0.3, 1.4]))
         assert blas_counts() == before
     assert seen and max(seen) == 1
+
+
+def test_log_likelihood_is_per_event_as_numpyro_gives_it():
+    """A ``.to_event`` likelihood is one observation per draw, as in
+    numpyro.infer.util.log_likelihood (and so in az.from_numpyro): LOO and az.compare
+    line up with a NUTS run of the same model."""
+    from numpyro.infer.util import log_likelihood
+
+    from models import linear_gaussian
+
+    args, y = linear_gaussian.simulate_data(jax.random.PRNGKey(1))
+    engine = EKIInference(linear_gaussian.model, "eki", ensemble_size=50, progress_bar=False)
+    data = engine.run(jax.random.PRNGKey(0), *args, y=y)
+    ours = group(data, "log_likelihood")["y"].values
+    assert ours.shape == (1, 50)
+    latents = {s.name: engine.get_samples()[s.name] for s in engine.problem.latent_sites}
+    reference = log_likelihood(linear_gaussian.model, latents, *args, y=y)["y"]
+    np.testing.assert_allclose(ours[0], reference, rtol=1e-8)
+
+
+_GLOBAL_SLOPE = np.array([2.0])
+
+
+def _model_reading_a_global():
+    """Data made from a module global that the model reads (not an argument)."""
+    x = jnp.linspace(0.0, 1.0, 5)
+    a = numpyro.sample("a", dist.Normal(0.0, 3.0))
+    numpyro.sample("obs", dist.Normal(a * x, 0.1), obs=_GLOBAL_SLOPE[0] * x)
+
+
+@pytest.mark.parametrize("method", ["eki", "smc"])
+def test_a_changed_global_is_not_served_from_compiled_code(method):
+    """Values a model reads from globals are constants of the compiled code: a new run,
+    on a new engine or the same one, must see the new values (the caches key on them)."""
+    global _GLOBAL_SLOPE
+    size = 40 if method == "eki" else 100
+    _GLOBAL_SLOPE = np.array([2.0])
+    engine = EKIInference(_model_reading_a_global, method, ensemble_size=size, progress_bar=False)
+    engine.run(jax.random.PRNGKey(0))
+    assert abs(engine.get_samples()["a"].mean() - 2.0) < 0.2
+    try:
+        _GLOBAL_SLOPE = np.array([-3.0])
+        fresh = EKIInference(
+            _model_reading_a_global, method, ensemble_size=size, progress_bar=False
+        )
+        fresh.run(jax.random.PRNGKey(0))
+        assert abs(fresh.get_samples()["a"].mean() + 3.0) < 0.2
+        _GLOBAL_SLOPE = np.array([1.0])
+        engine.run(jax.random.PRNGKey(0))
+        assert abs(engine.get_samples()["a"].mean() - 1.0) < 0.2
+    finally:
+        _GLOBAL_SLOPE = np.array([2.0])
+
+
+def test_model_fingerprint_follows_globals_closures_and_partials():
+    import functools
+
+    from eki_infer.model_args import model_fingerprint
+
+    scale = np.ones(3)
+
+    def helper():
+        return _GLOBAL_SLOPE * scale
+
+    def model(offset):
+        return helper() + offset
+
+    before = model_fingerprint(functools.partial(model, 1.0))
+    scale[0] = 2.0  # a closure cell's array, changed in place
+    assert model_fingerprint(functools.partial(model, 1.0)) != before
+    assert model_fingerprint(functools.partial(model, 5.0)) != model_fingerprint(
+        functools.partial(model, 1.0)
+    )
+    assert model_fingerprint(model) == model_fingerprint(model)
+
+
+def test_failing_members_are_warned_about():
+    """Most members failing at an iteration, and failed final draws (which keep NaN
+    log-likelihoods, so LOO is NaN), are warned about, not only recorded."""
+    x = jnp.linspace(0.0, 1.0, 5)
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(jnp.where(a > 0.5, jnp.nan, a * x), 0.1), obs=y)
+
+    engine = EKIInference(model, "eki", ensemble_size=40, progress_bar=False)
+    with pytest.warns(UserWarning) as record:
+        data = engine.run(jax.random.PRNGKey(0), y=2.0 * x)
+    messages = " ".join(str(w.message) for w in record)
+    assert "failed (non-finite output) for more than half of the 40 members" in messages
+    failed = group(data, "sample_stats")["failed"].values
+    assert failed.any() and f"failed for [{int(failed.sum())}] of the 40 final draws" in messages
+    assert np.isnan(group(data, "log_likelihood")["obs"].values[failed]).all()
+
+
+def test_uki_failures_are_counted_in_sigma_points():
+    from eki_infer.processes import EnsembleFailureError
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(jnp.full(3, jnp.nan) * a, 0.1), obs=y)
+
+    engine = EKIInference(model, "uki", progress_bar=False)
+    with pytest.raises(EnsembleFailureError, match="only 0 of 3 sigma points returned finite"):
+        engine.run(jax.random.PRNGKey(0), y=jnp.ones(3))
+
+
+def test_smc_with_fewer_particles_than_dimensions_warns():
+    def model(y=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([30]).to_event(1))
+        numpyro.sample("y", dist.Normal(theta[:5], 0.5), obs=y)
+
+    engine = EKIInference(model, "smc", ensemble_size=20, max_iterations=1, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the max-stages warning
+        with pytest.warns(UserWarning, match="ensemble_size=20 particles for d=30"):
+            engine.run(jax.random.PRNGKey(0), y=jnp.zeros(5))

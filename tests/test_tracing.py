@@ -12,7 +12,7 @@ import pytest
 from numpyro import handlers
 
 from eki_infer.noise import BlockNoise, DenseNoise, DiagonalNoise, LowRankNoise, ScalarNoise
-from eki_infer.tracing import InverseProblem, trace_model
+from eki_infer.tracing import InverseProblem, ModelTracingError, trace_model
 
 T = np.linspace(0.0, 2.0, 5)
 COV = np.array([[1.0, 0.3, 0.1], [0.3, 0.5, -0.1], [0.1, -0.1, 0.8]])
@@ -66,6 +66,14 @@ def batched_mvn_model(y=None, z=None):
     numpyro.sample("r", dist.Normal(s, 0.5), obs=1.0)
 
 
+def mvn_to_event_model(y=None):
+    """Two MVN events reinterpreted as one (.expand([2]).to_event(1)): one log-density."""
+    s = numpyro.sample("s", dist.Normal(0.0, 1.0))
+    numpyro.sample(
+        "y", dist.MultivariateNormal(s * jnp.ones(3), COV).expand([2]).to_event(1), obs=y
+    )
+
+
 CASES = {
     "normal": (normal_model, (T,), {"y": np.cos(T)}),
     "plate": (plate_model, (T, np.linspace(0.1, 0.5, 5)), {"y": T**2}),
@@ -75,6 +83,7 @@ CASES = {
     "mvn-tril": (mvn_model, ("scale_tril",), {"y": np.array([0.1, 0.2, 0.3])}),
     "low_rank": (low_rank_model, (), {"y": np.array([1.0, 0.5, 2.0])}),
     "batched": (batched_mvn_model, (), {"y": np.ones((2, 3)), "z": -np.ones((2, 3))}),
+    "mvn_to_event": (mvn_to_event_model, (), {"y": np.ones((2, 3))}),
 }
 
 
@@ -149,9 +158,10 @@ def test_forward_noise_and_loglik_match_the_model(case):
     pointwise = problem.pointwise_log_likelihood(u)
     for s, o in zip(obs_sites, problem.observed_sites, strict=True):
         lp = pointwise[o.name]
-        event_ndim = 0 if o.family == "Normal" else 1
-        assert lp.shape == o.shape[: len(o.shape) - event_ndim]
-        np.testing.assert_allclose(lp.sum(), s["fn"].log_prob(s["value"]).sum(), rtol=1e-12)
+        # per event, as NumPyro's log_prob: the distribution's event dims are summed
+        assert o.density_ndim == len(s["fn"].event_shape)
+        assert lp.shape == o.shape[: len(o.shape) - o.density_ndim]
+        np.testing.assert_allclose(lp, s["fn"].log_prob(s["value"]), rtol=1e-12)
     total = sum(v.sum() for v in pointwise.values())
     np.testing.assert_allclose(problem.log_likelihood(u), total, rtol=1e-10)
 
@@ -176,13 +186,29 @@ def test_noise_structure():
         assert type(traced(name).noise) is cls, name
 
 
-def test_pointwise_normal_elements_equal_elementwise_log_prob():
+def test_pointwise_log_likelihood_is_per_event_as_numpyro_gives_it():
+    """A .to_event site is one observation (its elements summed), a plate site one per
+    plate element: the shapes and values of numpyro.infer.util.log_likelihood, so that
+    LOO and az.compare line up with a NUTS run of the same model."""
+    from numpyro.infer.util import log_likelihood
+
     problem = traced("to_event")
     u = np.array([0.7])
     lp = problem.pointwise_log_likelihood(u)["y"]
     m = float(problem.prior_transform(u)["m"])
-    ref = dist.Normal(m * np.arange(6.0).reshape(2, 3), np.array([0.1, 0.2, 0.3])).log_prob(1.0)
-    np.testing.assert_allclose(lp, ref, rtol=1e-12)
+    elements = dist.Normal(m * np.arange(6.0).reshape(2, 3), np.array([0.1, 0.2, 0.3]))
+    assert lp.shape == ()
+    np.testing.assert_allclose(lp, elements.log_prob(1.0).sum(), rtol=1e-12)
+    for name in ("to_event", "plate", "batched", "normal", "mvn_to_event"):
+        problem = traced(name)
+        model, args, kwargs = CASES[name]
+        U = jax.random.normal(jax.random.PRNGKey(3), (4, problem.dim))
+        values = jax.vmap(problem.prior_transform)(U)
+        latents = {s.name: values[s.name] for s in problem.latent_sites}
+        reference = log_likelihood(model, latents, *args, **kwargs)
+        ours = jax.vmap(problem.pointwise_log_likelihood)(U)
+        for site, value in reference.items():
+            np.testing.assert_allclose(ours[site], value, rtol=1e-10, err_msg=name)
 
 
 def test_sites_dims_and_unflatten():
@@ -246,7 +272,7 @@ def test_sample_observations_draws_from_the_likelihood():
     assert one["y"].shape == (3,)
 
 
-def test_substituted_sites_are_constants_and_params_are_ignored():
+def test_substituted_sites_are_constants_and_params_are_held_with_a_warning():
     def model(y=None):
         sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
         offset = numpyro.param("offset", 0.5)
@@ -254,10 +280,17 @@ def test_substituted_sites_are_constants_and_params_are_ignored():
         numpyro.sample("y", dist.Normal(mu + offset, sigma), obs=y)
 
     fixed = handlers.substitute(model, {"sigma": 0.3})
-    problem = trace_model(fixed, y=np.array([1.0, 2.0]))
+    with pytest.warns(UserWarning, match="numpyro.param sites 'offset' are held at their"):
+        problem = trace_model(fixed, y=np.array([1.0, 2.0]))
     assert [s.name for s in problem.latent_sites] == ["mu"]
     np.testing.assert_allclose(problem.noise.to_dense(), 0.09 * np.eye(2))
     np.testing.assert_allclose(problem.forward(np.array([0.0])), [0.5, 0.5])
+
+    def only_params(y=None):
+        numpyro.sample("y", dist.Normal(numpyro.param("level", 0.5), 1.0), obs=y)
+
+    with pytest.raises(ModelTracingError, match=r"numpyro.param sites \('level'\) are not"):
+        trace_model(only_params, y=np.array([1.0]))
 
 
 def test_multiple_sites_in_model_order_and_data_broadcast():

@@ -77,7 +77,9 @@ def test_mvn_covariance_depending_on_a_latent():
         cov = jnp.exp(-((x[:, None] - x[None, :]) ** 2) / ell) + 0.1 * jnp.eye(3)
         numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(3), cov), obs=y)
 
-    _raises(model, y=Y, site="y", match=("'ell'",))
+    _raises(
+        model, y=Y, site="y", match=("'ell'", "numpyro.handlers.substitute(model, {'ell': value})")
+    )
 
 
 def test_discrete_latent():
@@ -86,6 +88,16 @@ def test_discrete_latent():
         numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
 
     _raises(model, y=Y, site="z", match=("discrete", "Bernoulli"))
+
+    def in_a_plate(y=None):
+        with numpyro.plate("units", 3):
+            z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    # the family itself is named, not only the wrapper the plate puts around it
+    _raises(
+        in_a_plate, y=Y, site="z", match=("is discrete (BernoulliProbs in ExpandedDistribution)",)
+    )
 
 
 def test_improper_prior():

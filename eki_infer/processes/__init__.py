@@ -10,11 +10,20 @@ from eki_infer.processes.base import (
     check_failures,
     detect_failures,
 )
-from eki_infer.processes.eki import eki, eki_perturbed_update, eki_transform_update
+from eki_infer.processes.eki import EKI_VARIANTS, eki, eki_perturbed_update, eki_transform_update
 from eki_infer.processes.eks import eks, eks_update
-from eki_infer.processes.uki import UKIState, sigma_points, uki, uki_predict, uki_update
+from eki_infer.processes.uki import (
+    UKI_MODES,
+    UKIState,
+    sigma_points,
+    uki,
+    uki_predict,
+    uki_update,
+)
 
 __all__ = [
+    "EKI_VARIANTS",
+    "UKI_MODES",
     "EnsembleFailureError",
     "EnsembleProcess",
     "EnsembleState",

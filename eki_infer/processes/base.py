@@ -150,7 +150,9 @@ def detect_failures(outputs, failed=None):
     return bad
 
 
-def check_failures(failed, iteration, min_successes: int = 2, chain_ids=None):
+def check_failures(
+    failed, iteration, min_successes: int = 2, chain_ids=None, points: str = "ensemble members"
+):
     """Raise :class:`EnsembleFailureError` when fewer than ``min_successes`` succeeded.
 
     A host-side (Python) check for the driver, to be called after the forward map has
@@ -161,6 +163,7 @@ def check_failures(failed, iteration, min_successes: int = 2, chain_ids=None):
         iteration: the iteration number, used in the message.
         min_successes: the fewest successful members an update can use (default 2).
         chain_ids: the chains' numbers for the message (default: their positions).
+        points: what the flags are, for the message (UKI: "sigma points").
 
     Returns:
         The number of failed members (an int, or an int array per chain).
@@ -181,9 +184,9 @@ def check_failures(failed, iteration, min_successes: int = 2, chain_ids=None):
             where = f" in chain(s) {', '.join(str(c) for c in chains)}"
         worst = int(np.min(n_ok))
         raise EnsembleFailureError(
-            f"Iteration {iteration}: only {worst} of {total} ensemble members returned "
+            f"Iteration {iteration}: only {worst} of {total} {points} returned "
             f"finite forward-map outputs{where} ({total - worst} failed); at least "
-            f"{min_successes} successful members are needed to update the ensemble. "
+            f"{min_successes} successful {points} are needed to update the ensemble. "
             "Check the forward map for NaN/inf outputs in the region the ensemble explores."
         )
     return n_failed if failed.ndim > 1 else int(n_failed)

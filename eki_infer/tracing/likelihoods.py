@@ -52,6 +52,9 @@ class GaussianSite(NamedTuple):
     shape: tuple[int, ...]  # value shape (distribution shape broadcast with the data)
     event_ndim: int  # 0 for Normal, 1 for the multivariate families
     scalar_scale: bool  # Normal with one scale for all elements: Γ = σ² I
+    # trailing axes one log-density value covers: the distribution's event dims
+    # (``.to_event`` included), as NumPyro's log_prob and log_likelihood sum them
+    density_ndim: int = 0
 
     @property
     def size(self) -> int:
@@ -68,10 +71,14 @@ class GaussianSite(NamedTuple):
         return jnp.broadcast_to(_base(fn).mean, self.shape).reshape(-1)
 
     def pointwise_log_likelihood(self, fn, obs):
-        """log-density per element (Normal) or per event (multivariate)."""
+        """log-density per event of the site's distribution, as NumPyro's ``log_prob``
+        gives it: one value per batch element, the event dims (``.to_event`` and the
+        multivariate families' vector) summed; shape ``self.shape[:-density_ndim]``."""
         base = _base(fn)
         obs = jnp.broadcast_to(obs, self.shape)
-        return jnp.broadcast_to(base.log_prob(obs), self.batch_shape)
+        per_base_event = jnp.broadcast_to(base.log_prob(obs), self.batch_shape)
+        extra = self.density_ndim - self.event_ndim  # axes reinterpreted by .to_event
+        return jnp.sum(per_base_event, axis=tuple(range(-extra, 0))) if extra else per_base_event
 
     def noise_parameters(self, fn):
         """The arrays that define Γ, broadcast to the site (to compare between runs)."""
@@ -198,4 +205,4 @@ def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
         ) from err
     event_ndim = 0 if family == "Normal" else 1
     scalar = family == "Normal" and math.prod(np.shape(_base(fn).scale)) == 1
-    return GaussianSite(family, shape, event_ndim, scalar)
+    return GaussianSite(family, shape, event_ndim, scalar, len(fn.event_shape))

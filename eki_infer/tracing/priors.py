@@ -540,16 +540,18 @@ def _family_name(fn):
 
 
 def _check_leaf(fn, site, top):
+    # the distribution itself, and the wrapper it sits in (.expand, .to_event, plates)
+    family = _family_name(fn) + ("" if fn is top else f" in {_family_name(top)}")
     if isinstance(fn, dist.ImproperUniform):
         raise ModelTracingError(
-            f"{_site(site)} has an improper prior ({_family_name(top)}): the ensemble "
+            f"{_site(site)} has an improper prior ({family}): the ensemble "
             "methods draw their initial ensemble from the prior, so it must be a proper "
             "distribution. Give the site a proper prior (e.g. a wide Normal or Uniform).",
             site,
         )
     if getattr(fn.support, "is_discrete", False):
         raise ModelTracingError(
-            f"{_site(site)} is discrete ({_family_name(top)}): ensemble Kalman methods "
+            f"{_site(site)} is discrete ({family}): ensemble Kalman methods "
             "need continuous latent variables. Marginalise the discrete variable out of "
             "the model or make it continuous.",
             site,
@@ -591,7 +593,10 @@ def whitened_shape(fn, site=None) -> tuple[int, ...]:
     Raises :class:`ModelTracingError` (naming ``site``) for unsupported distributions.
     """
     if getattr(fn.support, "is_discrete", False) or isinstance(fn, dist.ImproperUniform):
-        _check_leaf(fn, site, fn)
+        leaf = fn  # the family under .expand/.to_event wrappers, for the message
+        while isinstance(leaf, dist.ExpandedDistribution | dist.Independent):
+            leaf = leaf.base_dist
+        _check_leaf(leaf, site, fn)
     return _walk_shape(fn, tuple(fn.shape()), site, fn)
 
 

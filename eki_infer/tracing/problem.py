@@ -51,7 +51,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from eki_infer.model_args import split_model_args
+from eki_infer.model_args import model_fingerprint, split_model_args
 from eki_infer.noise import Noise, block_diagonal
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
@@ -91,6 +91,10 @@ class ObservedSite(NamedTuple):
     stop: int
     dims: tuple[str, ...]
     family: str  # Normal, MultivariateNormal or LowRankMultivariateNormal
+    # trailing axes of ``shape`` one log-likelihood value covers (the distribution's
+    # event dims, ``.to_event`` included): the pointwise log-likelihood has one value per
+    # element of ``shape[: len(shape) - density_ndim]``, as NumPyro's log_likelihood
+    density_ndim: int = 0
 
 
 class DeterministicSite(NamedTuple):
@@ -155,9 +159,13 @@ class _WhitenedRun(Messenger):
         self.latents: list[_Record] = []
         self.observed: list[_Record] = []
         self.deterministic: list[_Record] = []
+        self.params: list[str] = []
 
     def process_message(self, msg):
         kind = msg["type"]
+        if kind == "param":
+            self.params.append(msg["name"])
+            return
         if kind == "control_flow":
             raise ModelTracingError(
                 "the model uses numpyro.contrib.control_flow (scan/cond) around sample "
@@ -337,8 +345,10 @@ class InverseProblem:
         }
 
     def pointwise_log_likelihood(self, u):
-        """u (d,) -> {observed site: log-likelihood per element (Normal; the site's shape)
-        or per event (multivariate; the site's batch shape, () for a single event)}."""
+        """u (d,) -> {observed site: log-likelihood per event of its distribution (one
+        value per batch element, the event dims summed: what NumPyro's ``log_likelihood``
+        gives, so that LOO and ``az.compare`` match a NUTS run of the same model; a site
+        in a plate gives one value per plate element, a ``.to_event`` site one in all)}."""
 
         def f(v):
             run = self._run(v)
@@ -433,10 +443,21 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
             + ". Pass the observations to trace_model the way the model takes them "
             "(e.g. trace_model(model, x, y=y_obs))."
         )
+    params = ", ".join(f"'{name}'" for name in dict.fromkeys(run.params))
     if not run.latents:
         raise ModelTracingError(
             "the model has no latent sample site: there is nothing to infer (sites set by "
-            "substitute/condition are constants)."
+            "substitute/condition are constants"
+            + (f"; numpyro.param sites ({params}) are not inferred" if params else "")
+            + "). Give each unknown a prior with numpyro.sample."
+        )
+    if params:
+        warnings.warn(
+            f"numpyro.param sites {params} are held at their initial values: only sample "
+            "sites with a prior are inferred. To infer one, make it a numpyro.sample site "
+            "with a prior; to fix it to a value, this is already what happens.",
+            UserWarning,
+            stacklevel=2,
         )
 
     latent_sites, start = [], 0
@@ -452,7 +473,9 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
     for g, r in zip(gaussian, run.observed, strict=True):
         dims = _dims(r.name, g.shape, r.stack, g.event_ndim)
         observed_sites.append(
-            ObservedSite(r.name, g.shape, g.size, start, start + g.size, dims, g.family)
+            ObservedSite(
+                r.name, g.shape, g.size, start, start + g.size, dims, g.family, g.density_ndim
+            )
         )
         start += g.size
 
@@ -524,7 +547,13 @@ def _compiled_probe(problem: InverseProblem):
     if signature is None:
         compiled = jax.jit(probe_all)
     else:
-        key = (problem.model, signature, problem.latent_sites, problem.observed_sites)
+        key = (
+            problem.model,
+            signature,
+            problem.latent_sites,
+            problem.observed_sites,
+            model_fingerprint(problem.model),
+        )
         compiled = _PROBE_CACHE.get(key)
         if compiled is None:
             compiled = jax.jit(probe_all)
@@ -562,12 +591,13 @@ def _probe(problem: InverseProblem):
                 if not all(same(p[3 + i], p[1]) for p in params)
             ]
             who = f" (it changes with {', '.join(repr(c) for c in culprits)})" if culprits else ""
+            culprit = culprits[0] if culprits else "the noise parameter"
             raise ModelTracingError(
                 f"the noise (scale or covariance) of observed site '{site.name}' depends on "
                 f"latent variables{who}. Learning the noise is not supported yet: Γ must be "
-                "known. Fix it to a value (pass sigma to the model as data, or "
-                "numpyro.handlers.substitute(model, {'sigma': value})), or estimate it "
-                "beforehand.",
+                f"known. Fix it to a value (pass {culprit} to the model as data, or "
+                f"numpyro.handlers.substitute(model, {{{culprit!r}: value}})), or estimate "
+                "it beforehand.",
                 site.name,
             )
 
