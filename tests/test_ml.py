@@ -548,3 +548,110 @@ def test_eki_optimizer_errors():
         EKIOptimizer(no_data, objective="map")
     with pytest.raises(RuntimeError):
         EKIOptimizer(no_data).get_params()
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _small_fit_setup():
+    x, labels = _blobs(jax.random.PRNGKey(5), n_per_class=20)
+    y = jax.nn.one_hot(labels, 3)
+    params = _mlp_params(jax.random.PRNGKey(1), (4, 5, 3))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    forward = ensemble_forward(_mlp, unravel)
+    particles = flat + 0.3 * jax.random.normal(jax.random.PRNGKey(6), (16, flat.size))
+    return x, y, forward, particles
+
+
+def test_fit_refuses_data_that_would_train_a_wrong_objective():
+    """Mismatched lengths, mismatched output/target shapes and NaN data are errors that
+    name what is wrong, not a NaN or broadcast loss trained in silence."""
+    x, y, forward, particles = _small_fit_setup()
+    kernel = eki_ml("cross_entropy_logits")
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=r"same number of examples .* x: 60, y: 40"):
+        fit(key, kernel, forward, particles, x, y[:40], epochs=1, batch_size=20)
+    labels = jnp.argmax(y, axis=-1)  # integer labels where one-hot targets are needed
+    with pytest.raises(ValueError, match=r"output has shape \(20, 3\) and the target \(20,\)"):
+        fit(key, kernel, forward, particles, x, labels, epochs=1, batch_size=20)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fit(key, kernel, forward, particles, x.at[5, 1].set(jnp.nan), y, epochs=1, batch_size=20)
+    for name, value in (("epochs", 0), ("batch_size", 0), ("batch_size", 2.7)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            fit(
+                key,
+                kernel,
+                forward,
+                particles,
+                x,
+                y,
+                **{"epochs": 1, "batch_size": 20, name: value},
+            )
+
+
+def test_fit_stops_when_the_ensemble_becomes_non_finite():
+    x, y, forward, particles = _small_fit_setup()
+
+    def failing(particles, x):  # NaN output for the first member
+        out = forward(particles, x)
+        return out.at[0].set(jnp.nan)
+
+    with pytest.raises(FloatingPointError, match="non-finite in epoch 0"):
+        fit(
+            jax.random.PRNGKey(0),
+            eki_ml("cross_entropy_logits"),
+            failing,
+            particles,
+            x,
+            y,
+            epochs=2,
+            batch_size=20,
+        )
+
+
+def test_fit_resumed_from_its_state_continues_the_same_run():
+    x, y, forward, particles = _small_fit_setup()
+    kernel = eki_ml("cross_entropy_logits", respread=respread_schedule(1.0, every=3))
+    key = jax.random.PRNGKey(3)
+    whole = fit(key, kernel, forward, particles, x, y, epochs=4, batch_size=20)
+    first = fit(key, kernel, forward, particles, x, y, epochs=2, batch_size=20)
+    rest = fit(key, kernel, forward, None, x, y, epochs=2, batch_size=20, state=first.state)
+    np.testing.assert_allclose(rest.state.particles, whole.state.particles, rtol=1e-6, atol=1e-6)
+    assert rest.history["forward_evaluations"] == whole.history["forward_evaluations"][2:]
+
+
+def test_option_values_are_checked():
+    for kwargs, match in (
+        ({"h": -1.0}, "h must be a finite positive number"),
+        ({"eps": -1.0}, "eps must be a finite non-negative number"),
+        ({"prior_scale": 0.0}, "prior_scale must be positive"),
+        ({"momentum": "adam"}, "momentum must be None, 'nesterov' or in"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            eki_ml("squared_error", **kwargs)
+    forward = _linear_forward(jnp.eye(3))
+    with pytest.raises(ValueError, match="which=999 is not a member index"):
+        predict(forward, jnp.zeros((4, 3)), None, which=999)
+
+
+def test_eki_optimizer_refuses_subsampling_and_labels_outside_the_support():
+    x = jax.random.normal(jax.random.PRNGKey(0), (40, 2))
+    labels = (x[:, 0] > 0).astype(jnp.int32)
+
+    def subsampled(x, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with numpyro.plate("data", x.shape[0], subsample_size=10) as idx:
+            numpyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+    with pytest.raises(ModelTracingError, match="plate 'data' is subsampled"):
+        EKIOptimizer(subsampled, num_steps=5).run(jax.random.PRNGKey(0), x, y=labels)
+
+    def categorical(x, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([2, 3]).to_event(2))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Categorical(logits=x @ w), obs=y)
+
+    with pytest.raises(ModelTracingError, match="observed site 'y' has data outside the support"):
+        EKIOptimizer(categorical, num_steps=5).run(jax.random.PRNGKey(0), x, y=labels + 3)
+    with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+        EKIOptimizer(categorical, num_steps=-1)

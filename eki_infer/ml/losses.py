@@ -64,7 +64,13 @@ def squared_error(noise=None) -> Callable:
             return r * scale
 
     def loss(z, y):
+        _same_shape("squared_error", z, y)
         r = jnp.ravel(jnp.asarray(z) - jnp.asarray(y))
+        dim = getattr(noise, "dim", None)
+        if dim is not None and dim != r.size:
+            raise ValueError(
+                f"squared_error: the noise has dim {dim} but the output has {r.size} entries."
+            )
         w = whiten(r)
         return 0.5 * jnp.sum(w * w)
 
@@ -74,6 +80,7 @@ def squared_error(noise=None) -> Callable:
 def cross_entropy(z, y):
     """Ψ(z, y) = −⟨y, log z⟩ for probabilities z (e.g. softmax outputs), y one-hot or
     soft labels of the same shape. ∇_z Ψ = −y / z (Kovachki & Stuart's choice)."""
+    _same_shape("cross_entropy", z, y)
     return -jnp.sum(jnp.asarray(y) * jnp.log(z))
 
 
@@ -83,7 +90,20 @@ def cross_entropy_logits(z, y):
     Equal to :func:`cross_entropy` at z = softmax(a); its gradient
     softmax(a)·Σ_c y_c − y is bounded, whereas −y / z blows up as a probability → 0.
     """
+    _same_shape("cross_entropy_logits", z, y)
     return -jnp.sum(jnp.asarray(y) * jax.nn.log_softmax(z, axis=-1))
+
+
+def _same_shape(name, z, y):
+    """The built-in losses compare one member's output with its target entry by entry:
+    a shape mismatch would broadcast into a different loss, so it is an error (raised
+    when the loss is traced, from the static shapes)."""
+    if jnp.shape(z) != jnp.shape(y):
+        raise ValueError(
+            f"{name}: one member's output has shape {jnp.shape(z)} and the target "
+            f"{jnp.shape(y)}; they must match (targets of the cross-entropies are one-hot "
+            "or soft labels, e.g. jax.nn.one_hot(labels, num_classes))."
+        )
 
 
 LOSSES = {

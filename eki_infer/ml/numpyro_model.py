@@ -81,6 +81,23 @@ class EKIOptimizerResult(NamedTuple):
     step_size: np.ndarray
 
 
+def _check_observation(name, fn, value):
+    """Observed data must be finite and inside the support of their distribution (labels
+    of a Categorical in 0..C−1, Bernoulli outcomes 0 or 1): outside it the
+    log-likelihood is NaN or unbounded and EKI would optimise nonsense."""
+    value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(value))):
+        raise ModelTracingError(f"observed site '{name}' has NaN or inf data.", name)
+    inside = fn.support(value)
+    if not bool(jnp.all(inside)):
+        bad = np.asarray(value)[~np.broadcast_to(np.asarray(inside), np.shape(value))]
+        raise ModelTracingError(
+            f"observed site '{name}' has data outside the support of its distribution "
+            f"({type(fn).__name__}, support {fn.support}): e.g. {bad[:3].tolist()}.",
+            name,
+        )
+
+
 class EKIOptimizer:
     """Loss-general EKI for a NumPyro model: minimises the negative log-likelihood of its
     observed sites (optimisation mode — **not** a posterior; see the module docstring).
@@ -120,8 +137,15 @@ class EKIOptimizer:
     ):
         if objective not in ("likelihood", "posterior"):
             raise ValueError(f"objective must be 'likelihood' or 'posterior', got {objective!r}.")
-        if int(ensemble_size) < 2:
-            raise ValueError(f"ensemble_size must be at least 2, got {ensemble_size}.")
+        integer = isinstance(ensemble_size, int | np.integer) and not isinstance(
+            ensemble_size, bool
+        )
+        if not integer or ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be an integer >= 2, got {ensemble_size!r}.")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
         self.model = model
         self.ensemble_size = int(ensemble_size)
         self.num_steps = int(num_steps)
@@ -136,9 +160,20 @@ class EKIOptimizer:
         trace = handlers.trace(handlers.seed(self.model, rng_key)).get_trace(*args, **kwargs)
         sites, observed, start = [], {}, 0
         for name, site in trace.items():
+            if site["type"] == "plate":
+                size, subsample = site["args"]
+                if subsample is not None and subsample != size:
+                    raise ModelTracingError(
+                        f"plate '{name}' is subsampled (subsample_size={subsample} of {size}): "
+                        "EKIOptimizer evaluates the likelihood on all the data at every "
+                        "step (one subsample, fixed by the trace, would be optimised "
+                        "instead); remove subsample_size.",
+                        name,
+                    )
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
+                _check_observation(name, site["fn"], site["value"])
                 observed[name] = site["value"]
                 continue
             shape = tuple(whitened_shape(site["fn"], name))

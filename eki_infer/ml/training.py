@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eki_infer.ml.losses import get_loss, loss_gradients, member_losses
+from eki_infer.ml.losses import get_loss, inexact_leaves, loss_gradients, member_losses
 
 __all__ = [
     "EKIMLInfo",
@@ -329,6 +329,8 @@ def eki_ml(
             most about h times the ensemble spread, h = 1 is a natural scale (default).
         eps: ε (default 1e-8; it only guards against D = 0).
         momentum: ``None``, ``"nesterov"`` (λ_n = n/(n+3)) or a constant λ ∈ [0, 1).
+            Without re-spreading (which restarts it) momentum can make the ensemble
+            spread grow without bound on small networks; lower ``h`` if it does.
         respread: ``None`` or a schedule n ↦ γ(n) (:func:`respread_schedule`); γ(n) > 0
             re-spreads the ensemble before step n.
         prior_scale: s of μ0 = N(0, diag s²) for re-spreading (scalar or ``(d,)``).
@@ -340,8 +342,16 @@ def eki_ml(
     if form not in ("explicit", "kalman"):
         raise ValueError(f"form must be 'explicit' or 'kalman', got {form!r}.")
     if momentum is not None and momentum != "nesterov":
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be None, 'nesterov' or in [0, 1), got {momentum}.")
+        number = isinstance(momentum, int | float | np.number) and not isinstance(momentum, bool)
+        if not (number and 0.0 <= float(momentum) < 1.0):
+            raise ValueError(f"momentum must be None, 'nesterov' or in [0, 1), got {momentum!r}.")
+    _check_number("h", h, positive=True)
+    _check_number("eps", eps, positive=False)
+    scale = np.asarray(prior_scale, dtype=float)
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(
+            f"prior_scale must be positive (scalar or per coordinate), got {prior_scale!r}."
+        )
 
     def init(particles):
         particles = jnp.asarray(particles)
@@ -389,10 +399,6 @@ def batch_indices(rng_key, num_examples: int, batch_size: int):
 
 def _take(tree, idx):
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), tree)
-
-
-def _num_examples(x):
-    return int(jax.tree_util.tree_leaves(x)[0].shape[0])
 
 
 @functools.lru_cache(maxsize=16)
@@ -465,13 +471,26 @@ def fit(
         batch_size: examples per step.
         on_epoch: optional ``on_epoch(epoch, state) -> dict`` (e.g. test accuracy);
             its values are appended to the history.
-        state: resume from this state.
+        state: resume from this state (a previous call's ``result.state``): with the same
+            key, data and batch size the epochs continue the earlier call's random
+            stream (batch orders, re-spreading draws), so two calls of 2 epochs equal one
+            of 4; ``forward_evaluations`` counts on from there, ``wall_time`` is this
+            call's.
+
+    Raises:
+        ValueError: for counts that are not positive integers, inputs and targets of
+            different lengths, non-finite data, or (FloatingPointError) a loss or
+            ensemble that becomes non-finite during training, naming the epoch.
     """
-    n = _num_examples(x)
+    _check_count("epochs", epochs)
+    _check_count("batch_size", batch_size)
+    n = check_training_data(x, y)
     if state is None:
         state = kernel.init(particles)
     num_members = state.particles.shape[0]
     run_epoch = _epoch_runner(kernel, forward, n, int(batch_size))
+    steps_per_epoch = n // min(int(batch_size), n)
+    done = int(state.iteration) // steps_per_epoch  # epochs an earlier call ran
 
     history: dict[str, list] = {
         "loss": [],
@@ -479,21 +498,66 @@ def fit(
         "wall_time": [],
         "forward_evaluations": [],
     }
-    seen = (n // min(batch_size, n)) * min(batch_size, n)
+    seen = steps_per_epoch * min(batch_size, n)
     elapsed = 0.0
     for epoch in range(int(epochs)):
         start = time.perf_counter()
-        state, loss, step = run_epoch(jax.random.fold_in(rng_key, epoch), state, x, y)
+        state, loss, step = run_epoch(jax.random.fold_in(rng_key, done + epoch), state, x, y)
         state = jax.block_until_ready(state)
         elapsed += time.perf_counter() - start
+        if not (np.isfinite(float(loss)) and bool(jnp.all(jnp.isfinite(state.particles)))):
+            raise FloatingPointError(
+                f"EKI training became non-finite in epoch {done + epoch} (mean batch loss "
+                f"{float(loss)}): the forward map or the loss returned NaN/inf for some "
+                "member, and the ensemble update mixes every member's output, so one such "
+                "member spoils them all. Check the model's outputs and the loss (e.g. "
+                "cross_entropy needs probabilities; cross_entropy_logits takes logits), or "
+                "lower h or drop the momentum if the ensemble diverged."
+            )
         history["loss"].append(float(loss))
         history["step_size"].append(float(step))
         history["wall_time"].append(elapsed)
-        history["forward_evaluations"].append((epoch + 1) * seen * num_members)
+        history["forward_evaluations"].append((done + epoch + 1) * seen * num_members)
         if on_epoch is not None:
             for k, val in (on_epoch(epoch, state) or {}).items():
                 history.setdefault(k, []).append(val)
     return FitResult(state, history)
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_number(name: str, value, positive: bool) -> None:
+    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or (value <= 0 if positive else value < 0):
+        bound = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}.")
+
+
+def check_training_data(x, y) -> int:
+    """The number of examples, after checking that every leaf of ``x`` and ``y`` has it
+    as its leading axis and that their floating-point entries are finite (a NaN in one
+    example would turn the whole ensemble's update into NaN)."""
+    lengths = {
+        f"{name}{jax.tree_util.keystr(path)}": (jnp.shape(leaf)[:1] or (None,))[0]
+        for name, tree in (("x", x), ("y", y))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    if not lengths:
+        raise ValueError("x and y hold no arrays.")
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            "x and y must have the same number of examples along their first axis, got "
+            + ", ".join(f"{k}: {v}" for k, v in lengths.items())
+            + "."
+        )
+    for name, tree in (("x", x), ("y", y)):
+        for leaf in inexact_leaves(tree):
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise ValueError(f"{name} contains NaN or inf: drop or impute those examples.")
+    return int(next(iter(lengths.values())))
 
 
 # ------------------------------------------------------------------------- predictions
@@ -515,7 +579,13 @@ def predict(forward, particles, x, which="mean"):
     elif isinstance(which, str):
         raise ValueError(f"which must be 'mean', 'all' or a member index, got {which!r}.")
     else:
-        point = particles[which]
+        index = int(which)
+        if not 0 <= index < particles.shape[0]:
+            raise ValueError(
+                f"which={which} is not a member index: the ensemble has {particles.shape[0]} "
+                "members."
+            )
+        point = particles[index]
     return jax.tree_util.tree_map(lambda a: a[0], forward(point[None, :], x))
 
 
@@ -564,6 +634,7 @@ class OnlineEKI:
     def update(self, x, y):
         """One step on a new batch; returns the mean particle's loss on it *before* the
         update."""
+        check_training_data(x, y)
         key = jax.random.fold_in(self.rng_key, self.count)
         self.state, (before, _) = self._one(self.state, (key, x, y))
         self.count += 1
@@ -572,7 +643,7 @@ class OnlineEKI:
     def update_many(self, xs, ys):
         """Steps through a stream of batches (leading axis: time); returns the
         prequential losses, shape ``(T,)``."""
-        num = _num_examples(xs)
+        num = check_training_data(xs, ys)
         keys = jax.vmap(lambda i: jax.random.fold_in(self.rng_key, i))(
             jnp.arange(self.count, self.count + num)
         )
