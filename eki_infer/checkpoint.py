@@ -11,12 +11,17 @@ an uninterrupted run would.
 Writing is atomic: the state is pickled to a temporary file in the same folder, flushed
 to disk, then renamed over the checkpoint, so a run killed at any moment leaves either
 the previous checkpoint or the new one, never a torn file. A checkpoint also records a
-fingerprint of the run (method, options, chains, key, model structure) and refuses to
-resume a different run.
+fingerprint of the run (method, options, chains, key, model structure, data, and a
+digest of what the model computes at fixed points: priors, noise, forward map) and
+refuses to resume a different run. Its content carries a SHA-256 checksum, so a file
+damaged on disk is refused rather than resumed from altered numbers.
+
+Checkpoints are pickles: load only files you wrote (unpickling runs code).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -27,11 +32,11 @@ import numpy as np
 
 __all__ = ["Checkpoint", "CheckpointMismatchError"]
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 class CheckpointMismatchError(ValueError):
-    """The checkpoint on disk was written by a different run."""
+    """The checkpoint on disk was written by a different run, or cannot be read."""
 
 
 class Checkpoint:
@@ -52,21 +57,50 @@ class Checkpoint:
         """Reads the file if it exists; returns whether there was anything to resume."""
         if not self.path.exists():
             return False
-        with open(self.path, "rb") as f:
-            content = pickle.load(f)
-        if content.get("format") != _FORMAT:
-            raise CheckpointMismatchError(
-                f"{self.path} has checkpoint format {content.get('format')}, expected {_FORMAT}."
-            )
+        content = self._read()
         if content["fingerprint"] != self.fingerprint:
             raise CheckpointMismatchError(
                 f"{self.path} was written by a different run (method, options, number of "
-                "chains, rng_key or model structure differ); pass resume=False to start "
-                "afresh, or another checkpoint path."
+                "chains, rng_key, data, or the model: its structure, priors, noise or "
+                "forward map differ); pass resume=False to start afresh, or another "
+                "checkpoint path."
             )
         self.finished = content["finished"]
         self.current = content["current"]
         return True
+
+    def _read(self) -> dict:
+        """The file's content, after checking its format and checksum."""
+
+        def unreadable(why):
+            return CheckpointMismatchError(
+                f"{self.path} is not a readable eki_infer checkpoint ({why}); delete it or "
+                "pass resume=False to start afresh."
+            )
+
+        try:
+            with open(self.path, "rb") as f:
+                outer = pickle.load(f)
+        except Exception as err:
+            raise unreadable(f"truncated or corrupted: {type(err).__name__}: {err}") from None
+        if not isinstance(outer, dict) or "format" not in outer:
+            raise unreadable("no checkpoint header")
+        if outer["format"] != _FORMAT:
+            raise CheckpointMismatchError(
+                f"{self.path} has checkpoint format {outer['format']}, expected {_FORMAT}."
+            )
+        payload = outer.get("payload")
+        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer.get(
+            "sha256"
+        ):
+            raise unreadable("its checksum does not match its content")
+        try:
+            content = pickle.loads(payload)
+        except Exception as err:
+            raise unreadable(f"{type(err).__name__}: {err}") from None
+        if not isinstance(content, dict) or {"fingerprint", "finished", "current"} - set(content):
+            raise unreadable("missing fields")
+        return content
 
     def save_progress(self, group: int, loop_state: dict) -> None:
         """Records the running chain group's loop state and writes the file."""
@@ -81,11 +115,14 @@ class Checkpoint:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = pickle.dumps(
+            {"fingerprint": self.fingerprint, "finished": self.finished, "current": self.current},
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
         content = {
             "format": _FORMAT,
-            "fingerprint": self.fingerprint,
-            "finished": self.finished,
-            "current": self.current,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": payload,
         }
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", dir=self.path.parent)
         try:

@@ -16,18 +16,29 @@ same model runs serially in a notebook and on a cluster in production.
 
 Every executor returns, for a batch of n members, the outputs (n, *shape) and a boolean
 failure flag per member. A member fails when the simulator raises, returns something of
-the wrong shape, returns NaN/inf, or (with ``timeout``) takes longer than ``timeout``
-seconds; its output row is NaN, and the process's failure policy takes over (failed
-members are redrawn from the successful ones; see ALGORITHMS.md §6). A timed-out thread
-or process task cannot be interrupted: it runs on, but its result is ignored.
+the wrong size (an output with the declared number of entries is reshaped; a scalar is
+not broadcast), complex values, None or NaN/inf, or (with ``timeout``) runs longer than
+``timeout`` seconds itself (its own running time, not the time it waited for a worker);
+its output row is NaN, and the method's failure policy takes over (EKI and EKS redraw
+failed members from the successful ones, UKI drops failed sigma points, SMC rejects
+failed proposals; see ALGORITHMS.md §6).
+
+A member still running when the batch's deadline passes (``timeout`` times the number
+of rounds the batch needs on the workers, plus one) fails as timed out. A Python thread
+cannot be stopped: a hung member keeps its thread, and the pool's other members wait for
+the rest. :class:`ProcessExecutor` instead terminates its worker processes when a member
+times out (a fresh pool serves the next batch) and in :meth:`~Executor.close`, so prefer
+it for simulators that can hang.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import math
 import multiprocessing
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -44,20 +55,46 @@ __all__ = [
 ]
 
 
-def _call_member(fn, member_args, shape, dtype):
-    """Runs one member; returns (output, error message or None)."""
+def _call_member(fn, member_args, shape, dtype, timeout=None):
+    """Runs one member; returns (output, error message or None). The member's own
+    running time counts against ``timeout``."""
+    start = time.perf_counter()
     try:
-        out = np.asarray(fn(*member_args), dtype=dtype)
+        raw = fn(*member_args)
     except Exception as error:  # a failing simulator must not stop the ensemble
         return None, f"{type(error).__name__}: {error}"
+    seconds = time.perf_counter() - start
+    if timeout is not None and seconds > timeout:
+        return None, f"timed out: ran {seconds:.3g} s, more than timeout={timeout} s"
+    if raw is None:
+        return None, "returned None"
+    try:
+        out = np.asarray(raw)
+    except Exception as error:
+        return None, f"returned something that is not an array ({type(error).__name__})"
+    if np.iscomplexobj(out):
+        return None, "returned complex values"
+    if not (np.issubdtype(out.dtype, np.number) or out.dtype == np.bool_):
+        return None, f"returned non-numeric values (dtype {out.dtype})"
     if out.shape != shape:
-        try:
-            out = np.broadcast_to(out, shape)
-        except ValueError:
+        if out.size != math.prod(shape):
             return None, f"returned shape {out.shape}, declared {shape}"
-    if not np.all(np.isfinite(out)):
+        out = out.reshape(shape)  # same entries, other layout: (1,) for (), (8, 1) for (8,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = out.astype(dtype)
+    if not np.all(np.isfinite(cast)):
+        if np.all(np.isfinite(out)):
+            return None, f"returned values beyond the range of {np.dtype(dtype).name}"
         return None, "returned NaN or inf"
-    return out, None
+    return cast, None
+
+
+def _rounds_deadline(timeout, members, workers):
+    """Seconds to wait for a batch: ``timeout`` for each round of members the workers
+    run one after another, plus one round of slack (worker start-up, scheduling)."""
+    if timeout is None:
+        return None
+    return timeout * (math.ceil(members / max(int(workers or 1), 1)) + 1)
 
 
 def _collect(futures, done, timeout):
@@ -121,7 +158,16 @@ class Executor:
 
 
 class SerialExecutor(Executor):
-    """Members one after another in the calling process (``timeout`` is not enforced)."""
+    """Members one after another in the calling process. It takes no ``timeout``: a
+    running member cannot be stopped here (use :class:`ProcessExecutor` for that)."""
+
+    def __init__(self, timeout: float | None = None):
+        if timeout is not None:
+            raise ValueError(
+                "SerialExecutor cannot enforce a timeout (a member runs in this process "
+                "and cannot be stopped); use ThreadExecutor or ProcessExecutor(timeout=...)."
+            )
+        super().__init__()
 
     def _run_all(self, fn, batch_args, shape, dtype):
         return [_call_member(fn, args, shape, dtype) for args in batch_args]
@@ -147,9 +193,19 @@ class _PoolExecutor(Executor):
 
     def _run_all(self, fn, batch_args, shape, dtype):
         pool = self._ensure_pool()
-        futures = [pool.submit(_call_member, fn, args, shape, dtype) for args in batch_args]
-        done, _ = cf.wait(futures, timeout=self.timeout)
+        futures = [
+            pool.submit(_call_member, fn, args, shape, dtype, self.timeout) for args in batch_args
+        ]
+        workers = getattr(pool, "_max_workers", None)
+        deadline = _rounds_deadline(self.timeout, len(futures), workers)
+        done, pending = cf.wait(futures, timeout=deadline)
+        if pending:
+            self._after_timeout()
         return _collect(futures, done, self.timeout)
+
+    def _after_timeout(self) -> None:
+        """What to do with members still running past the deadline (threads: nothing
+        can be done)."""
 
     def close(self) -> None:
         if self._pool is not None:
@@ -177,6 +233,25 @@ class ProcessExecutor(_PoolExecutor):
             max_workers=self.max_workers, mp_context=multiprocessing.get_context("spawn")
         )
 
+    def _terminate(self) -> None:
+        """Stops the pool and kills its worker processes (hung members included)."""
+        if self._pool is None:
+            return
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=5)
+        self._pool = None
+
+    def _after_timeout(self) -> None:
+        self._terminate()  # a fresh pool serves the next batch
+
+    def close(self) -> None:
+        self._terminate()
+
 
 class DaskExecutor(Executor):
     """Members as ``dask.distributed`` tasks.
@@ -186,7 +261,8 @@ class DaskExecutor(Executor):
             single-threaded worker processes on loopback is started on first use and
             closed by :meth:`close`.
         n_workers: workers of the LocalCluster started for you.
-        timeout: per-batch seconds after which unfinished members fail.
+        timeout: seconds a member may run (see the module docstring for the batch's
+            deadline).
     """
 
     def __init__(self, client=None, n_workers: int = 2, timeout: float | None = None, **cluster):
@@ -216,10 +292,11 @@ class DaskExecutor(Executor):
 
         client = self._ensure_client()
         # one function object for the whole batch: Dask serialises it once, not per task
-        member = functools.partial(_call_member, fn, shape=shape, dtype=dtype)
+        member = functools.partial(_call_member, fn, shape=shape, dtype=dtype, timeout=self.timeout)
         futures = client.map(member, batch_args, pure=False)
+        workers = sum(client.nthreads().values()) or 1
         try:
-            wait(futures, timeout=self.timeout)
+            wait(futures, timeout=_rounds_deadline(self.timeout, len(futures), workers))
         except TimeoutError:  # distributed.wait raises instead of returning the done ones
             pass
         return _collect(futures, {f for f in futures if f.done()}, self.timeout)

@@ -418,6 +418,7 @@ class EKIInference:
             repr(scheduler),
             repr(problem),
             _data_digest(problem),
+            problem.probe_digest,
             key_fingerprint(rng_key),
         )
 
@@ -434,6 +435,7 @@ class EKIInference:
         records = {name: [] for name in RunHistory._fields}
         path = []
         evaluations = np.zeros(num_chains, dtype=np.int64)
+        runs = 0  # every forward run made, finished chains' and the final evaluation's too
         initial_values = None
         first_iteration, elapsed_before = 0, 0.0
         saved = checkpoint.current if checkpoint is not None else None
@@ -443,6 +445,7 @@ class EKIInference:
             records = {name: list(rows) for name, rows in saved["records"].items()}
             path = list(saved["path"])
             evaluations = np.asarray(saved["evaluations"]).copy()
+            runs = int(saved["runs"])
             initial_values = saved["initial_values"]
             first_iteration, elapsed_before = saved["iteration"], saved["wall_time"]
         start = time.perf_counter() - elapsed_before
@@ -460,6 +463,7 @@ class EKIInference:
                     path.append(jax.device_get({"u": points, **values}))
                 failed_np = np.asarray(failed)
                 evaluations += np.where(was_done, 0, failed_np.shape[1])
+                runs += failed_np.size
                 if was_done.all() or iteration == self.max_iterations:
                     break
                 try:
@@ -505,6 +509,7 @@ class EKIInference:
                             "records": records,
                             "path": path,
                             "evaluations": evaluations,
+                            "runs": runs,
                             "initial_values": initial_values,
                             "wall_time": time.perf_counter() - start,
                         },
@@ -528,6 +533,7 @@ class EKIInference:
                 final_keys, states, self.num_samples
             )
             values, outputs = steps.transform_and_forward(samples_u, data)
+            runs += outputs.shape[0] * outputs.shape[1]
             failed = ~jnp.all(jnp.isfinite(outputs), axis=-1)
             prior_u = jax.vmap(
                 lambda k: jax.random.normal(
@@ -553,6 +559,7 @@ class EKIInference:
             evaluations=evaluations,
             done=np.asarray(sched_states.done),
             t=np.asarray(sched_states.t),
+            runs=np.array([runs], dtype=np.int64),
         )
 
     # ------------------------------------------------------------------ SMC (method="smc")
@@ -583,6 +590,7 @@ class EKIInference:
                 repr(sorted(self.smc_options.items())),
                 repr(problem),
                 _data_digest(problem),
+                problem.probe_digest,
                 key_fingerprint(rng_key),
             )
             checkpoint = Checkpoint(checkpoint_path, fingerprint)
@@ -620,6 +628,7 @@ class EKIInference:
             evaluations=np.asarray(result.forward_evaluations),
             done=np.ones(self.num_chains, dtype=bool),
             t=np.asarray(result.history.t[:, -1]),
+            runs=np.array([result.forward_runs], dtype=np.int64),
         )
         self.inference_data = self._to_arviz(
             problem,
@@ -670,11 +679,21 @@ class EKIInference:
             attrs={
                 "method": self.method,
                 "num_iterations": int(self.history.t.shape[1]),
-                "forward_evaluations": int(np.sum(run.evaluations)),
-                # UKI evaluates its posterior draws once more, for the predictive
-                "predictive_evaluations": int(run.outputs.shape[0] * run.outputs.shape[1])
-                if self.method == "uki"
-                else 0,
+                # the evaluations that drove the updates (SMC: every stage's), as the
+                # history counts them
+                "forward_evaluations": int(np.sum(run.evaluations))
+                if self.method == "smc" or not self.history.forward_evaluations.size
+                else int(self.history.forward_evaluations[:, -1].sum()),
+                # the final draws' own evaluation, for the predictive and the
+                # log-likelihood: EKI's and EKS's last ensemble, UKI's Gaussian draws
+                "predictive_evaluations": 0
+                if self.method == "smc"
+                else int(run.outputs.shape[0] * run.outputs.shape[1]),
+                # every forward run the method made: the above, finished chains' points
+                # (a vectorized batch evaluates every chain), UKI's last sigma points
+                "forward_runs": int(np.sum(run.runs)),
+                # the tracer's probe of the model (trace_model), before the method
+                "tracing_evaluations": 3 + len(problem.latent_sites),
                 **attrs,
             },
         )
@@ -781,6 +800,16 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             UserWarning,
             stacklevel=3,
         )
+    if method == "uki" and num_failed.size and num_failed.max() > 0:
+        warnings.warn(
+            f"UKI: the forward map failed for some sigma points (up to {int(num_failed.max())} "
+            f"of {points} at an iteration; history.num_failed). UKI drops them and "
+            "renormalises the weights of the rest, so along the directions the failed points "
+            "spanned the update has no information: the posterior covariance there can "
+            "collapse (even to 0). Prefer EKI, EKS or SMC where the forward map fails.",
+            UserWarning,
+            stacklevel=3,
+        )
     final_failed = np.asarray(final_failed)
     if final_failed.any():
         per_chain = final_failed.sum(axis=-1).tolist()
@@ -825,6 +854,9 @@ class _ChainRun(NamedTuple):
     evaluations: np.ndarray
     done: np.ndarray
     t: np.ndarray
+    # every forward run the group's batches made (finished chains' and final draws'
+    # included), shape (1,) per chain group
+    runs: np.ndarray = np.zeros(1, dtype=np.int64)
 
 
 def _stack_records(records: dict, num_chains: int) -> dict:

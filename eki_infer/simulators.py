@@ -49,7 +49,8 @@ def black_box(fn=None, *, output_shape, dtype=None, name: str | None = None):
             an array-like of ``output_shape``. May raise, return NaN or hang: such
             members fail and are handled by the ensemble method's failure policy.
         output_shape: the shape of one simulator output.
-        dtype: output dtype (default: JAX's default float, float64 under x64).
+        dtype: a floating output dtype (default: JAX's default float, float64 under
+            x64).
         name: name used in error messages (default: the function's name).
 
     Usable as ``black_box(fn, output_shape=...)`` or as a decorator
@@ -57,6 +58,12 @@ def black_box(fn=None, *, output_shape, dtype=None, name: str | None = None):
     """
     if fn is None:
         return functools.partial(black_box, output_shape=output_shape, dtype=dtype, name=name)
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"black_box dtype must be a floating-point dtype, got {jnp.dtype(dtype)}: a "
+            "failed member's output is a row of NaN, which an integer or complex dtype "
+            "cannot hold."
+        )
     shape = tuple(int(s) for s in np.atleast_1d(output_shape)) if output_shape != () else ()
     label = name or getattr(fn, "__name__", "simulator")
 

@@ -414,3 +414,91 @@ def test_smc_with_fewer_particles_than_dimensions_warns():
         warnings.simplefilter("ignore")  # the max-stages warning
         with pytest.warns(UserWarning, match="ensemble_size=20 particles for d=30"):
             engine.run(jax.random.PRNGKey(0), y=jnp.zeros(5))
+
+
+def _decay_model(prior_sd, noise):
+    def model(t, y=None):
+        rate = numpyro.sample("rate", dist.LogNormal(0.0, prior_sd))
+        numpyro.sample("y", dist.Normal(jnp.exp(-rate * t), noise).to_event(1), obs=y)
+
+    return model
+
+
+def test_a_checkpoint_of_another_model_or_a_damaged_one_is_refused(tmp_path):
+    """Same structure, other priors and noise: refused (the probe digest differs), not
+    resumed into the old posterior. A truncated or altered file is refused by name."""
+    from eki_infer.checkpoint import CheckpointMismatchError
+
+    t = jnp.linspace(0.0, 2.0, 8)
+    y = jnp.exp(-1.3 * t)
+    path = tmp_path / "run.ckpt"
+    options = {"ensemble_size": 20, "max_iterations": 4, "progress_bar": False}
+    EKIInference(_decay_model(0.5, 0.05), "eki", **options).run(
+        jax.random.PRNGKey(3), t, y=y, checkpoint=path
+    )
+    other = EKIInference(_decay_model(2.0, 0.5), "eki", **options)
+    with pytest.raises(CheckpointMismatchError, match="written by a different run"):
+        other.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)
+    same = EKIInference(_decay_model(0.5, 0.05), "eki", **options)
+    same.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)  # the same run resumes
+
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match="not a readable eki_infer checkpoint"):
+        same.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)
+    altered = bytearray(data)
+    altered[-200] ^= 0x01
+    path.write_bytes(bytes(altered))
+    with pytest.raises(CheckpointMismatchError, match="not a readable eki_infer checkpoint"):
+        same.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)
+
+
+def test_uki_failed_sigma_points_are_warned_about():
+    x = jnp.linspace(0.0, 1.0, 5)
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(jnp.where(a > 0.5, jnp.nan, a + b * x), 0.1), obs=y)
+
+    engine = EKIInference(model, "uki", num_samples=50, progress_bar=False)
+    with pytest.warns(UserWarning, match="UKI drops them and renormalises"):
+        engine.run(jax.random.PRNGKey(0), y=0.3 + 0.5 * x)
+
+
+@pytest.mark.parametrize("method", ["eki", "eks", "uki"])
+def test_every_simulator_call_is_accounted_for(method):
+    """forward_runs (every run the method made) + tracing_evaluations (the tracer's
+    probe) = the simulator calls actually made; forward_evaluations (the updates') and
+    predictive_evaluations (the final draws') are parts of forward_runs."""
+    from eki_infer.simulators import black_box
+
+    calls = []
+    t = np.linspace(0.0, 2.0, 6)
+
+    def decay(rate):
+        calls.append(1)
+        return np.exp(-float(rate) * t)
+
+    simulator = black_box(decay, output_shape=(6,))
+
+    def model(y=None):
+        rate = numpyro.sample("rate", dist.LogNormal(0.0, 0.5))
+        numpyro.sample("y", dist.Normal(simulator(rate), 0.05).to_event(1), obs=y)
+
+    options = {"progress_bar": False, "max_iterations": 4}
+    if method == "uki":
+        options["num_samples"] = 30
+    else:
+        options["ensemble_size"] = 20
+    engine = EKIInference(model, method, num_chains=2, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_iterations reached before T = 1
+        data = engine.run(jax.random.PRNGKey(0), y=np.exp(-1.3 * t))
+    attrs = data.attrs
+    assert attrs["forward_evaluations"] == engine.history.forward_evaluations[:, -1].sum()
+    assert attrs["forward_runs"] + attrs["tracing_evaluations"] == len(calls)
+    used = attrs["forward_evaluations"] + attrs["predictive_evaluations"]
+    assert used <= attrs["forward_runs"]
+    if method != "uki":  # UKI's last sigma points are evaluated but drive no update
+        assert used == attrs["forward_runs"]

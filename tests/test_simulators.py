@@ -159,7 +159,7 @@ RESUME_SCRIPT = textwrap.dedent(
 def _checkpoint_iteration(path):
     try:
         with open(path, "rb") as f:
-            current = pickle.load(f)["current"]
+            current = pickle.loads(pickle.load(f)["payload"])["current"]
     except (FileNotFoundError, EOFError, pickle.UnpicklingError):
         return -1
     return -1 if current is None else current["iteration"]
@@ -214,3 +214,62 @@ def test_resume_refuses_another_run(tmp_path):
     other = EKIInference(bbm.make_model(), "eki", ensemble_size=11, progress_bar=False)
     with pytest.raises(ValueError, match="different run"):
         other.run(jax.random.PRNGKey(0), y=Y, checkpoint=checkpoint, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("output", "shape", "dtype", "error"),
+    [
+        (1.0, (8,), np.float64, "returned shape (), declared (8,)"),  # not broadcast
+        (np.zeros(3), (8,), np.float64, "returned shape (3,), declared (8,)"),
+        (None, (2,), np.float64, "returned None"),
+        (np.ones(2) * 1j, (2,), np.float64, "returned complex values"),
+        (np.array(["a", "b"]), (2,), np.float64, "non-numeric"),
+        (np.full(2, 1e300), (2,), np.float32, "beyond the range of float32"),
+        (np.array([1.0, np.nan]), (2,), np.float64, "returned NaN or inf"),
+    ],
+)
+def test_wrong_simulator_outputs_fail_the_member(output, shape, dtype, error):
+    executor = SerialExecutor()
+    outputs, failed = executor.map(lambda: output, [()], shape, dtype)
+    assert failed.all() and np.isnan(outputs).all()
+    assert error in executor.last_errors[0]
+
+
+def test_wrong_simulator_outputs_are_named():
+    executor = SerialExecutor()
+    executor.map(lambda: 1.0, [()], (8,), np.float64)
+    assert executor.last_errors == {0: "returned shape (), declared (8,)"}
+    # the same entries in another layout are accepted
+    outputs, failed = executor.map(lambda: np.ones((4, 1)), [()], (4,), np.float64)
+    assert not failed.any() and outputs.shape == (1, 4)
+
+
+def test_timeout_counts_a_members_own_running_time():
+    """Ten members of 0.2 s on two threads take a second in all, but none runs longer
+    than its 0.5 s timeout: none fails (waiting for a worker does not count)."""
+
+    def member(x):
+        time.sleep(0.2)
+        return np.array([x])
+
+    with ThreadExecutor(max_workers=2, timeout=0.5) as executor:
+        outputs, failed = executor.map(member, [(float(i),) for i in range(10)], (1,), np.float64)
+    assert not failed.any()
+    np.testing.assert_array_equal(outputs[:, 0], np.arange(10.0))
+
+
+def test_a_hung_process_member_is_killed_and_the_pool_renewed():
+    executor = ProcessExecutor(max_workers=1, timeout=0.5)
+    start = time.perf_counter()
+    _, failed = executor.map(time.sleep, [(60.0,)], (1,), np.float64)
+    assert failed.all() and "timed out" in executor.last_errors[0]
+    assert time.perf_counter() - start < 30  # not the 60 s the member would take
+    assert executor._pool is None  # terminated; the next batch gets a fresh pool
+    executor.close()
+
+
+def test_executor_and_black_box_options_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="SerialExecutor cannot enforce a timeout"):
+        SerialExecutor(timeout=1.0)
+    with pytest.raises(ValueError, match="dtype must be a floating-point dtype"):
+        black_box(lambda x: x, output_shape=(3,), dtype=np.int32)

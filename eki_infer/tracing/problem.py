@@ -39,6 +39,7 @@ clear rule.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -282,6 +283,10 @@ class InverseProblem:
     observations: jax.Array
     noise: Noise
     _gaussian: tuple[GaussianSite, ...] = dataclasses.field(repr=False, default=())
+    # SHA-256 of the model evaluated at the tracer's fixed probe points (latent values,
+    # outputs, noise and data): what the model computes, not only its structure, so that
+    # a checkpoint written for other priors, noise or simulator is not resumed
+    probe_digest: str = dataclasses.field(repr=False, default="")
 
     # -- one execution of the model --------------------------------------------------
 
@@ -498,7 +503,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         noise=None,
         _gaussian=tuple(gaussian),
     )
-    noise_params, data = _probe(draft)
+    noise_params, data, probe_digest = _probe(draft)
     ys = []
     for g, site, x in zip(gaussian, observed_sites, data, strict=True):
         g.check_data(site.name, x)
@@ -508,6 +513,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         draft,
         observations=jnp.asarray(np.concatenate(ys), dtype=dtype),
         noise=block_diagonal([g.noise(p) for g, p in zip(gaussian, noise_params, strict=True)]),
+        probe_digest=probe_digest,
     )
 
 
@@ -614,7 +620,13 @@ def _probe(problem: InverseProblem):
                 "to the model (a site with obs=None is sampled as a latent variable).",
                 stacklevel=4,
             )
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves((noise, data, latents, z)):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
     return (
         [tuple(np.asarray(p)[0] for p in params) for params in noise],
         [np.asarray(x)[0] for x in data],
+        digest.hexdigest(),
     )
