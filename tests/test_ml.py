@@ -413,13 +413,19 @@ def test_predict_and_best_particle():
         predict(forward, particles, None, which="median")
 
 
-def test_fit_generic_forward_reuses_compilation():
-    x, labels = _blobs(jax.random.PRNGKey(5), n_per_class=30)
+def _small_fit_setup(n_per_class=20, hidden=5, members=16):
+    """Blobs with one-hot targets, an MLP's ensemble forward map and an ensemble."""
+    x, labels = _blobs(jax.random.PRNGKey(5), n_per_class=n_per_class)
     y = jax.nn.one_hot(labels, 3)
-    params = _mlp_params(jax.random.PRNGKey(1), (4, 6, 3))
+    params = _mlp_params(jax.random.PRNGKey(1), (4, hidden, 3))
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     forward = ensemble_forward(_mlp, unravel)
-    particles = flat + 0.3 * jax.random.normal(jax.random.PRNGKey(6), (20, flat.size))
+    particles = flat + 0.3 * jax.random.normal(jax.random.PRNGKey(6), (members, flat.size))
+    return x, y, forward, particles
+
+
+def test_fit_generic_forward_reuses_compilation():
+    x, y, forward, particles = _small_fit_setup(n_per_class=30, hidden=6, members=20)
     kernel = eki_ml("cross_entropy_logits")
     first = fit(jax.random.PRNGKey(0), kernel, forward, particles, x, y, epochs=2, batch_size=30)
     again = fit(jax.random.PRNGKey(0), kernel, forward, particles, x, y, epochs=2, batch_size=30)
@@ -551,16 +557,6 @@ def test_eki_optimizer_errors():
 
 
 # ------------------------------------------------------------------------ bad input
-
-
-def _small_fit_setup():
-    x, labels = _blobs(jax.random.PRNGKey(5), n_per_class=20)
-    y = jax.nn.one_hot(labels, 3)
-    params = _mlp_params(jax.random.PRNGKey(1), (4, 5, 3))
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    forward = ensemble_forward(_mlp, unravel)
-    particles = flat + 0.3 * jax.random.normal(jax.random.PRNGKey(6), (16, flat.size))
-    return x, y, forward, particles
 
 
 def test_fit_refuses_data_that_would_train_a_wrong_objective():
