@@ -26,7 +26,6 @@ others go on.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from typing import NamedTuple
@@ -42,9 +41,10 @@ from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
 from eki_infer.keys import chain_keys, check_rng_key, fold_keys
-from eki_infer.model_args import model_fingerprint, split_model_args
+from eki_infer.model_args import digest_leaves, model_fingerprint, split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
+from eki_infer.validation import check_count, check_flag
 
 __all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
 
@@ -174,22 +174,22 @@ class EKIInference:
             )
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        _check_count("num_chains", num_chains, 1)
+        check_count("num_chains", num_chains, 1)
         if ensemble_size is not None:
-            _check_count(
+            check_count(
                 "ensemble_size", ensemble_size, 2, "(ensemble covariances need two members)"
             )
         if max_iterations is not None:
-            _check_count("max_iterations", max_iterations, 1)
+            check_count("max_iterations", max_iterations, 1)
         if chain_method not in ("vectorized", "sequential"):
             raise ValueError(
                 f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}."
             )
-        _check_count("num_samples", num_samples, 1)
+        check_count("num_samples", num_samples, 1)
         if blas_threads is not None:
-            _check_count("blas_threads", blas_threads, 1, "(or None)")
+            check_count("blas_threads", blas_threads, 1, "(or None)")
         for name, value in (("keep_path", keep_path), ("progress_bar", progress_bar)):
-            _check_flag(name, value)
+            check_flag(name, value)
         method_options = {
             "eki_variant": (eki_variant, "eki", _processes.EKI_VARIANTS),
             "aldi": (aldi, "eks", (True, False)),
@@ -204,7 +204,7 @@ class EKIInference:
                     f"{name} applies to method={owner!r} only; this engine's method is {method!r}."
                 )
             if name == "aldi":
-                _check_flag(name, value)
+                check_flag(name, value)
             elif allowed is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
         self.model = model
@@ -737,24 +737,12 @@ class EKIInference:
 
 
 def _data_digest(problem) -> str:
-    """SHA-256 of the observations and of the model's numeric arguments: a checkpoint
-    written for other data (the problem's repr shows only their shapes) must not be
-    resumed as if it were this run's."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_leaves(
-        (problem.observations, problem.model_args, problem.model_kwargs)
+    """SHA-256 of the observations and of the model's arguments: a checkpoint written
+    for other data (the problem's repr shows only their shapes) must not be resumed as if
+    it were this run's."""
+    return digest_leaves(
+        jax.tree_util.tree_leaves((problem.observations, problem.model_args, problem.model_kwargs))
     )
-    for leaf in leaves:
-        try:
-            array = np.asarray(leaf)
-        except Exception:  # a non-numeric argument (a function, say): its repr counts
-            array = None
-        if array is None or array.dtype == object:
-            digest.update(repr(leaf).encode())
-            continue
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def _with_simulator_errors(error, executor):
@@ -764,21 +752,6 @@ def _with_simulator_errors(error, executor):
         return error
     member, text = next(iter(errors.items()))
     return type(error)(f"{error} First simulator error (member {member}): {text}")
-
-
-def _check_count(name: str, value, minimum: int, why: str = "") -> None:
-    """Raises naming the option unless ``value`` is an integer ≥ ``minimum`` (bools,
-    floats and strings are refused rather than rounded or parsed)."""
-    integer = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-    if not integer or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {bound}{' ' + why if why else ''}, got {value!r}.")
-
-
-def _check_flag(name: str, value) -> None:
-    """Raises naming the option unless ``value`` is a bool (a string such as "no" is not)."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be True or False, got {value!r}.")
 
 
 def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> None:

@@ -22,16 +22,33 @@ import types
 import jax
 import numpy as np
 
-__all__ = ["model_fingerprint", "split_model_args", "with_model_args"]
+__all__ = ["digest_leaves", "model_fingerprint", "split_model_args", "with_model_args"]
 
 _SCALARS = (bool, int, float, complex, str, bytes, np.generic)
 # libraries whose functions a model calls but whose module state is not the model's data
 _LIBRARIES = ("numpyro", "jax", "jaxlib", "numpy", "scipy", "eki_infer")
 
 
+def digest_leaves(leaves) -> str:
+    """SHA-256 of a sequence of values: each array by its dtype, shape and bytes; a
+    value that is not numeric (a function, say) by its repr."""
+    digest = hashlib.sha256()
+    for leaf in leaves:
+        try:
+            array = np.asarray(leaf)
+        except Exception:
+            array = None
+        if array is None or array.dtype == object:
+            digest.update(repr(leaf).encode())
+            continue
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def model_fingerprint(model, depth: int = 4) -> tuple:
     """A hashable digest of the values ``model`` reads from module globals and closure
-    cells: numbers, strings, arrays (by a SHA-1 of their bytes, dtype and shape) and
+    cells: numbers, strings, arrays (by :func:`digest_leaves`) and
     short tuples or lists of them, found by following the functions it refers to (and
     ``functools.partial`` objects) up to ``depth`` calls deep. Modules, classes, other
     objects and the functions of NumPyro, JAX, NumPy, SciPy and eki_infer are not looked
@@ -44,8 +61,7 @@ def model_fingerprint(model, depth: int = 4) -> tuple:
         if isinstance(value, _SCALARS):
             return value
         if isinstance(value, np.ndarray | jax.Array):
-            array = np.asarray(value)
-            return (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+            return digest_leaves([value])
         if isinstance(value, tuple | list) and len(value) <= 64:
             parts = [digest(v) for v in value]
             return None if any(p is None for p in parts) else tuple(parts)

@@ -52,6 +52,7 @@ from eki_infer.ml.losses import member_losses
 from eki_infer.ml.training import eki_ml
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.priors import whitened_shape, whitened_transform
+from eki_infer.validation import check_count
 
 __all__ = ["EKIOptimizer", "EKIOptimizerResult"]
 
@@ -137,15 +138,8 @@ class EKIOptimizer:
     ):
         if objective not in ("likelihood", "posterior"):
             raise ValueError(f"objective must be 'likelihood' or 'posterior', got {objective!r}.")
-        integer = isinstance(ensemble_size, int | np.integer) and not isinstance(
-            ensemble_size, bool
-        )
-        if not integer or ensemble_size < 2:
-            raise ValueError(f"ensemble_size must be an integer >= 2, got {ensemble_size!r}.")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        check_count("ensemble_size", ensemble_size, 2)
+        check_count("num_steps", num_steps)
         self.model = model
         self.ensemble_size = int(ensemble_size)
         self.num_steps = int(num_steps)

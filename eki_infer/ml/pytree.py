@@ -24,11 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from eki_infer.ml.losses import get_loss, member_losses
 from eki_infer.ml.training import eki_ml, fit, respread_schedule
+from eki_infer.validation import check_count
 
 __all__ = [
     "PyTreeFit",
@@ -167,10 +167,7 @@ def fit_pytree(
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
-    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int | np.integer):
-        raise ValueError(f"ensemble_size must be an integer >= 2, got {ensemble_size!r}.")
-    if ensemble_size < 2:
-        raise ValueError(f"ensemble_size must be an integer >= 2, got {ensemble_size!r}.")
+    check_count("ensemble_size", ensemble_size, 2)
     loss = get_loss(loss)
     k_init, k_fit = jax.random.split(rng_key)
     particles, scale, unravel = initial_ensemble(k_init, params, ensemble_size, prior_scale)

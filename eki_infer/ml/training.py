@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eki_infer.ml.losses import get_loss, inexact_leaves, loss_gradients, member_losses
+from eki_infer.validation import check_count, check_number
 
 __all__ = [
     "EKIMLInfo",
@@ -345,8 +346,8 @@ def eki_ml(
         number = isinstance(momentum, int | float | np.number) and not isinstance(momentum, bool)
         if not (number and 0.0 <= float(momentum) < 1.0):
             raise ValueError(f"momentum must be None, 'nesterov' or in [0, 1), got {momentum!r}.")
-    _check_number("h", h, positive=True)
-    _check_number("eps", eps, positive=False)
+    check_number("h", h, positive=True)
+    check_number("eps", eps, positive=False)
     scale = np.asarray(prior_scale, dtype=float)
     if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
         raise ValueError(
@@ -482,8 +483,8 @@ def fit(
             different lengths, non-finite data, or (FloatingPointError) a loss or
             ensemble that becomes non-finite during training, naming the epoch.
     """
-    _check_count("epochs", epochs)
-    _check_count("batch_size", batch_size)
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size)
     n = check_training_data(x, y)
     if state is None:
         state = kernel.init(particles)
@@ -522,18 +523,6 @@ def fit(
             for k, val in (on_epoch(epoch, state) or {}).items():
                 history.setdefault(k, []).append(val)
     return FitResult(state, history)
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _check_number(name: str, value, positive: bool) -> None:
-    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or (value <= 0 if positive else value < 0):
-        bound = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a finite {bound} number, got {value!r}.")
 
 
 def check_training_data(x, y) -> int:

@@ -39,7 +39,6 @@ clear rule.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -52,7 +51,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from eki_infer.model_args import model_fingerprint, split_model_args
+from eki_infer.model_args import digest_leaves, model_fingerprint, split_model_args
 from eki_infer.noise import Noise, block_diagonal
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
@@ -620,13 +619,8 @@ def _probe(problem: InverseProblem):
                 "to the model (a site with obs=None is sampled as a latent variable).",
                 stacklevel=4,
             )
-    digest = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves((noise, data, latents, z)):
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
     return (
         [tuple(np.asarray(p)[0] for p in params) for params in noise],
         [np.asarray(x)[0] for x in data],
-        digest.hexdigest(),
+        digest_leaves(jax.tree_util.tree_leaves((noise, data, latents, z))),
     )
