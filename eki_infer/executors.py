@@ -23,8 +23,9 @@ its output row is NaN, and the method's failure policy takes over (EKI and EKS r
 failed members from the successful ones, UKI drops failed sigma points, SMC rejects
 failed proposals; see ALGORITHMS.md §6).
 
-A member still running when the batch's deadline passes (``timeout`` times the number
-of rounds the batch needs on the workers, plus one) fails as timed out. A Python thread
+A member still unfinished when the batch's deadline passes (``timeout`` times the number
+of rounds the batch needs on the workers, plus one; a new process pool's first batch
+also gets 20 s to start its workers) fails as not finished in time. A Python thread
 cannot be stopped: a hung member keeps its thread, and the pool's other members wait for
 the rest. :class:`ProcessExecutor` instead terminates its worker processes when a member
 times out (a fresh pool serves the next batch) and in :meth:`~Executor.close`, so prefer
@@ -89,12 +90,17 @@ def _call_member(fn, member_args, shape, dtype, timeout=None):
     return cast, None
 
 
-def _rounds_deadline(timeout, members, workers):
+#: Extra seconds the first batch of a new process pool may take: spawning workers that
+#: import NumPy, JAX and the simulator's modules is not the members' running time.
+_POOL_START_ALLOWANCE = 20.0
+
+
+def _rounds_deadline(timeout, members, workers, allowance=0.0):
     """Seconds to wait for a batch: ``timeout`` for each round of members the workers
-    run one after another, plus one round of slack (worker start-up, scheduling)."""
+    run one after another, plus one round of slack (scheduling) and ``allowance``."""
     if timeout is None:
         return None
-    return timeout * (math.ceil(members / max(int(workers or 1), 1)) + 1)
+    return timeout * (math.ceil(members / max(int(workers or 1), 1)) + 1) + allowance
 
 
 def _collect(futures, done, timeout):
@@ -105,7 +111,9 @@ def _collect(futures, done, timeout):
     for future in futures:
         if future not in done:
             future.cancel()
-            results.append((None, f"timed out after {timeout} s"))
+            results.append(
+                (None, f"did not finish within the batch's deadline (timeout={timeout} s)")
+            )
             continue
         try:
             results.append(future.result())
@@ -186,9 +194,13 @@ class _PoolExecutor(Executor):
     def _make_pool(self):
         return self.pool_class(max_workers=self.max_workers)
 
+    #: seconds a new pool's first batch may take on top of the members' time
+    start_allowance = 0.0
+
     def _ensure_pool(self):
         if self._pool is None:
             self._pool = self._make_pool()
+            self._fresh = True
         return self._pool
 
     def _run_all(self, fn, batch_args, shape, dtype):
@@ -197,8 +209,10 @@ class _PoolExecutor(Executor):
             pool.submit(_call_member, fn, args, shape, dtype, self.timeout) for args in batch_args
         ]
         workers = getattr(pool, "_max_workers", None)
-        deadline = _rounds_deadline(self.timeout, len(futures), workers)
+        allowance = self.start_allowance if getattr(self, "_fresh", False) else 0.0
+        deadline = _rounds_deadline(self.timeout, len(futures), workers, allowance)
         done, pending = cf.wait(futures, timeout=deadline)
+        self._fresh = False
         if pending:
             self._after_timeout()
         return _collect(futures, done, self.timeout)
@@ -227,6 +241,7 @@ class ProcessExecutor(_PoolExecutor):
     """
 
     pool_class = cf.ProcessPoolExecutor
+    start_allowance = _POOL_START_ALLOWANCE
 
     def _make_pool(self):
         return self.pool_class(

@@ -418,7 +418,7 @@ class EKIInference:
             repr(scheduler),
             repr(problem),
             _data_digest(problem),
-            problem.probe_digest,
+            problem.probe_signature,
             key_fingerprint(rng_key),
         )
 
@@ -581,7 +581,7 @@ class EKIInference:
                 "slowly and the posterior spread comes out too small. Use many more "
                 "particles than d (default 1000).",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         checkpoint = None
         if checkpoint_path is not None:
@@ -590,7 +590,7 @@ class EKIInference:
                 repr(sorted(self.smc_options.items())),
                 repr(problem),
                 _data_digest(problem),
-                problem.probe_digest,
+                problem.probe_signature,
                 key_fingerprint(rng_key),
             )
             checkpoint = Checkpoint(checkpoint_path, fingerprint)
@@ -771,7 +771,7 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             "Each update used only the members that succeeded, so the ensemble describes "
             "the region where the forward map works; check it there.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     if method == "uki" and num_failed.size and num_failed.max() > 0:
         warnings.warn(
@@ -781,7 +781,7 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             "spanned the update has no information: the posterior covariance there can "
             "collapse (even to 0). Prefer EKI, EKS or SMC where the forward map fails.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     final_failed = np.asarray(final_failed)
     if final_failed.any():
@@ -793,7 +793,7 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             "posterior_predictive, so az.loo/az.waic of this result are NaN; "
             "sample_stats.failed marks them.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

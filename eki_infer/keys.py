@@ -24,7 +24,7 @@ def check_rng_key(rng_key) -> None:
     dtype = getattr(rng_key, "dtype", None)
     typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
     raw = dtype is not None and not typed and np.dtype(dtype) == np.uint32
-    if (typed and shape == ()) or (raw and shape == (2,)):
+    if (typed and shape == ()) or (raw and len(shape) == 1):  # (2,), or (4,) for "rbg"
         return
     what = f"{type(rng_key).__name__}" + (f" of shape {shape}, dtype {dtype}" if shape else "")
     raise TypeError(

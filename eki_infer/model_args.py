@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import types
 
 import jax
@@ -50,10 +51,11 @@ def model_fingerprint(model, depth: int = 4) -> tuple:
     """A hashable digest of the values ``model`` reads from module globals and closure
     cells: numbers, strings, arrays (by :func:`digest_leaves`) and
     short tuples or lists of them, found by following the functions it refers to (and
-    ``functools.partial`` objects) up to ``depth`` calls deep. Modules, classes, other
-    objects and the functions of NumPyro, JAX, NumPy, SciPy and eki_infer are not looked
-    into; a model that reads data from one of those (an attribute of a module, say)
-    should take it as an argument instead."""
+    ``functools.partial`` objects, bound methods and callable objects such as NumPyro's
+    handlers around a model, whose attributes are read) up to ``depth`` levels deep.
+    Modules, classes, non-callable objects and the functions of NumPyro, JAX, NumPy,
+    SciPy and eki_infer are not looked into; a model that reads data from one of those
+    (an attribute of a module, say) should take it as an argument instead."""
     items: list = []
     seen: set = set()
 
@@ -65,6 +67,9 @@ def model_fingerprint(model, depth: int = 4) -> tuple:
         if isinstance(value, tuple | list) and len(value) <= 64:
             parts = [digest(v) for v in value]
             return None if any(p is None for p in parts) else tuple(parts)
+        if isinstance(value, dict) and len(value) <= 64:
+            parts = [(str(k), digest(v)) for k, v in sorted(value.items(), key=str)]
+            return None if any(p is None for _, p in parts) else tuple(parts)
         return None
 
     def visit(label, value, level):
@@ -74,10 +79,27 @@ def model_fingerprint(model, depth: int = 4) -> tuple:
                 visit(f"{label}.<arg {i}>", arg, level)
         elif isinstance(value, types.FunctionType):
             visit_function(value, level - 1)
+        elif isinstance(value, types.MethodType):
+            visit(label, value.__func__, level)
+            visit_object(label, value.__self__, level)
         else:
             d = digest(value)
             if d is not None:
                 items.append((label, d))
+            elif callable(value) and not isinstance(value, type):
+                # a callable object: a NumPyro handler around the model (substitute,
+                # condition, seed, ...) or a class with __call__
+                visit_object(label, value, level)
+
+    def visit_object(label, obj, level):
+        if level < 0 or id(obj) in seen or not hasattr(obj, "__dict__"):
+            return
+        seen.add(id(obj))
+        call = inspect.getattr_static(type(obj), "__call__", None)
+        if isinstance(call, types.FunctionType):
+            visit_function(call, level - 1)
+        for name, attribute in sorted(vars(obj).items()):
+            visit(f"{label}.{name}", attribute, level - 1)
 
     def names_in(code):
         names = set(code.co_names)

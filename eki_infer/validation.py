@@ -12,9 +12,24 @@ import numpy as np
 __all__ = ["check_count", "check_flag", "check_number"]
 
 
+def _scalar_of(value, kind: str) -> bool:
+    """Whether ``value`` is a Python, NumPy or JAX scalar of the dtype kind ``kind`` ("i":
+    integer, "f": any real number); bools are neither."""
+    if isinstance(value, bool | np.bool_) or np.ndim(value) != 0:
+        return False
+    try:
+        dtype = np.asarray(value).dtype
+    except Exception:
+        return False
+    if kind == "i":
+        return np.issubdtype(dtype, np.integer)
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+
+
 def check_count(name: str, value, minimum: int = 1, why: str = "") -> None:
-    """Raises a ValueError naming ``name`` unless ``value`` is an integer ≥ ``minimum``."""
-    integer = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    """Raises a ValueError naming ``name`` unless ``value`` is an integer ≥ ``minimum``
+    (Python, NumPy or JAX)."""
+    integer = not isinstance(value, str) and _scalar_of(value, "i")
     if not integer or value < minimum:
         bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {bound}{' ' + why if why else ''}, got {value!r}.")
@@ -29,7 +44,7 @@ def check_flag(name: str, value) -> None:
 def check_number(name: str, value, positive: bool) -> None:
     """Raises a ValueError naming ``name`` unless ``value`` is a finite number, > 0 when
     ``positive`` else ≥ 0."""
-    ok = isinstance(value, int | float | np.number) and not isinstance(value, bool | np.bool_)
+    ok = not isinstance(value, str) and _scalar_of(value, "f")
     if not ok or not np.isfinite(value) or (value <= 0 if positive else value < 0):
         bound = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be a finite {bound} number, got {value!r}.")

@@ -502,3 +502,27 @@ def test_every_simulator_call_is_accounted_for(method):
     assert used <= attrs["forward_runs"]
     if method != "uki":  # UKI's last sigma points are evaluated but drive no update
         assert used == attrs["forward_runs"]
+
+
+def test_model_fingerprint_looks_through_handlers_and_callable_objects():
+    from numpyro import handlers
+
+    from eki_infer.model_args import model_fingerprint
+
+    global _GLOBAL_SLOPE
+    wrapped = handlers.substitute(_model_reading_a_global, {"unused": 1.0})
+    try:
+        before = model_fingerprint(wrapped)
+        _GLOBAL_SLOPE = np.array([-1.0])
+        assert model_fingerprint(wrapped) != before
+    finally:
+        _GLOBAL_SLOPE = np.array([2.0])
+
+    class Model:
+        def __init__(self, slope):
+            self.slope = slope
+
+        def __call__(self, y=None):
+            return self.slope
+
+    assert model_fingerprint(Model(np.ones(2))) != model_fingerprint(Model(np.zeros(2)))

@@ -620,7 +620,7 @@ def test_option_values_are_checked():
     for kwargs, match in (
         ({"h": -1.0}, "h must be a finite positive number"),
         ({"eps": -1.0}, "eps must be a finite non-negative number"),
-        ({"prior_scale": 0.0}, "prior_scale must be positive"),
+        ({"prior_scale": -1.0}, "prior_scale must be non-negative"),
         ({"momentum": "adam"}, "momentum must be None, 'nesterov' or in"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -628,6 +628,10 @@ def test_option_values_are_checked():
     forward = _linear_forward(jnp.eye(3))
     with pytest.raises(ValueError, match="which=999 is not a member index"):
         predict(forward, jnp.zeros((4, 3)), None, which=999)
+    particles = jnp.arange(12.0).reshape(4, 3)
+    np.testing.assert_allclose(predict(forward, particles, None, which=-1), particles[-1])
+    # JAX scalars are counts and numbers too
+    eki_ml("squared_error", h=jnp.float32(0.5), momentum=jnp.asarray(0.5))
 
 
 def test_eki_optimizer_refuses_subsampling_and_labels_outside_the_support():

@@ -27,6 +27,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from eki_infer.noise import ScalarNoise
+
 __all__ = [
     "LOSSES",
     "cross_entropy",
@@ -67,7 +69,7 @@ def squared_error(noise=None) -> Callable:
         _same_shape("squared_error", z, y)
         r = jnp.ravel(jnp.asarray(z) - jnp.asarray(y))
         dim = getattr(noise, "dim", None)
-        if dim is not None and dim != r.size:
+        if dim is not None and dim != r.size and not isinstance(noise, ScalarNoise):
             raise ValueError(
                 f"squared_error: the noise has dim {dim} but the output has {r.size} entries."
             )

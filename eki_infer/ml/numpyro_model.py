@@ -89,12 +89,14 @@ def _check_observation(name, fn, value):
     value = jnp.asarray(value)
     if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(value))):
         raise ModelTracingError(f"observed site '{name}' has NaN or inf data.", name)
-    inside = fn.support(value)
-    if not bool(jnp.all(inside)):
-        bad = np.asarray(value)[~np.broadcast_to(np.asarray(inside), np.shape(value))]
+    inside = np.asarray(fn.support(value))
+    if not inside.all():
+        example = ""
+        if inside.shape == np.shape(value):  # elementwise support: show a few values
+            example = f": e.g. {np.asarray(value)[~inside][:3].tolist()}"
         raise ModelTracingError(
             f"observed site '{name}' has data outside the support of its distribution "
-            f"({type(fn).__name__}, support {fn.support}): e.g. {bad[:3].tolist()}.",
+            f"({type(fn).__name__}, support {fn.support}){example}.",
             name,
         )
 

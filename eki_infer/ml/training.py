@@ -343,15 +343,16 @@ def eki_ml(
     if form not in ("explicit", "kalman"):
         raise ValueError(f"form must be 'explicit' or 'kalman', got {form!r}.")
     if momentum is not None and momentum != "nesterov":
-        number = isinstance(momentum, int | float | np.number) and not isinstance(momentum, bool)
+        number = np.ndim(momentum) == 0 and np.issubdtype(np.asarray(momentum).dtype, np.number)
         if not (number and 0.0 <= float(momentum) < 1.0):
             raise ValueError(f"momentum must be None, 'nesterov' or in [0, 1), got {momentum!r}.")
     check_number("h", h, positive=True)
     check_number("eps", eps, positive=False)
     scale = np.asarray(prior_scale, dtype=float)
-    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+    if not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):
         raise ValueError(
-            f"prior_scale must be positive (scalar or per coordinate), got {prior_scale!r}."
+            "prior_scale must be non-negative (scalar or per coordinate; 0 freezes a "
+            f"coordinate), got {prior_scale!r}."
         )
 
     def init(particles):
@@ -568,13 +569,12 @@ def predict(forward, particles, x, which="mean"):
     elif isinstance(which, str):
         raise ValueError(f"which must be 'mean', 'all' or a member index, got {which!r}.")
     else:
-        index = int(which)
-        if not 0 <= index < particles.shape[0]:
+        if isinstance(which, int | np.integer) and not -len(particles) <= which < len(particles):
             raise ValueError(
                 f"which={which} is not a member index: the ensemble has {particles.shape[0]} "
                 "members."
             )
-        point = particles[index]
+        point = particles[which]  # a traced index (under jit) is not range-checked
     return jax.tree_util.tree_map(lambda a: a[0], forward(point[None, :], x))
 
 
@@ -623,7 +623,6 @@ class OnlineEKI:
     def update(self, x, y):
         """One step on a new batch; returns the mean particle's loss on it *before* the
         update."""
-        check_training_data(x, y)
         key = jax.random.fold_in(self.rng_key, self.count)
         self.state, (before, _) = self._one(self.state, (key, x, y))
         self.count += 1

@@ -253,6 +253,28 @@ def _dims(name, shape, stack, event_ndim):
 # the problem
 
 
+class ProbeSignature:
+    """What a model computed at the tracer's probe points, for checkpoints to compare:
+    a digest of the latent values, noise and data (exact), and the forward outputs,
+    equal to another's within a relative 1e-6 (NaN where both failed). A simulator whose
+    outputs vary by more than that between runs (a stochastic one, say) cannot resume
+    a checkpoint."""
+
+    def __init__(self, digest: str, outputs):
+        self.digest = digest
+        self.outputs = np.asarray(outputs)
+
+    def __eq__(self, other):
+        if not isinstance(other, ProbeSignature) or self.digest != other.digest:
+            return False
+        if self.outputs.shape != other.outputs.shape:
+            return False
+        return bool(np.allclose(self.outputs, other.outputs, rtol=1e-6, atol=0.0, equal_nan=True))
+
+    def __hash__(self):
+        return hash(self.digest)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class InverseProblem:
     """A NumPyro model seen as y = G(u) + η, η ~ N(0, Γ), u ~ N(0, I_d).
@@ -282,10 +304,11 @@ class InverseProblem:
     observations: jax.Array
     noise: Noise
     _gaussian: tuple[GaussianSite, ...] = dataclasses.field(repr=False, default=())
-    # SHA-256 of the model evaluated at the tracer's fixed probe points (latent values,
-    # outputs, noise and data): what the model computes, not only its structure, so that
-    # a checkpoint written for other priors, noise or simulator is not resumed
-    probe_digest: str = dataclasses.field(repr=False, default="")
+    # the model evaluated at the tracer's fixed probe points (latent values, noise and
+    # data exactly; outputs to a relative 1e-6): what the model computes, not only its
+    # structure, so that a checkpoint written for other priors, noise or simulator is
+    # not resumed
+    probe_signature: ProbeSignature | None = dataclasses.field(repr=False, default=None)
 
     # -- one execution of the model --------------------------------------------------
 
@@ -475,7 +498,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
 
     observed_sites, start = [], 0
     for g, r in zip(gaussian, run.observed, strict=True):
-        dims = _dims(r.name, g.shape, r.stack, g.event_ndim)
+        dims = _dims(r.name, g.shape, r.stack, g.density_ndim)
         observed_sites.append(
             ObservedSite(
                 r.name, g.shape, g.size, start, start + g.size, dims, g.family, g.density_ndim
@@ -502,7 +525,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         noise=None,
         _gaussian=tuple(gaussian),
     )
-    noise_params, data, probe_digest = _probe(draft)
+    noise_params, data, probe_signature = _probe(draft)
     ys = []
     for g, site, x in zip(gaussian, observed_sites, data, strict=True):
         g.check_data(site.name, x)
@@ -512,7 +535,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         draft,
         observations=jnp.asarray(np.concatenate(ys), dtype=dtype),
         noise=block_diagonal([g.noise(p) for g, p in zip(gaussian, noise_params, strict=True)]),
-        probe_digest=probe_digest,
+        probe_signature=probe_signature,
     )
 
 
@@ -622,5 +645,7 @@ def _probe(problem: InverseProblem):
     return (
         [tuple(np.asarray(p)[0] for p in params) for params in noise],
         [np.asarray(x)[0] for x in data],
-        digest_leaves(jax.tree_util.tree_leaves((noise, data, latents, z))),
+        ProbeSignature(
+            digest_leaves(jax.tree_util.tree_leaves((noise, data, latents))), np.asarray(z)
+        ),
     )
