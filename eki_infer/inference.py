@@ -41,7 +41,7 @@ from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
 from eki_infer.keys import chain_keys, check_rng_key, fold_keys
-from eki_infer.model_args import digest_leaves, model_fingerprint, split_model_args
+from eki_infer.model_args import digest_leaves, split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
 from eki_infer.validation import check_count, check_flag
@@ -342,8 +342,8 @@ class EKIInference:
         key = None
         if signature is not None:
             config = (self.method, self.ensemble_size, self.eki_variant, self.aldi, self.uki_mode)
-            key = (self.model, signature, repr(problem), config, scheduler)
-            key += (model_fingerprint(self.model),)
+            fingerprint = problem.model_fingerprint
+            key = (self.model, fingerprint, signature, repr(problem), config, scheduler)
         if key is not None and key in self._compiled:
             process, steps = self._compiled[key]
         else:

@@ -253,7 +253,7 @@ from eki_infer.kalman_transport import (
     transport_log_weights,
 )
 from eki_infer.keys import chain_keys, fold_keys
-from eki_infer.model_args import model_fingerprint, split_model_args, with_model_args
+from eki_infer.model_args import split_model_args, with_model_args
 from eki_infer.population_groups import split_groups
 
 __all__ = [
@@ -848,7 +848,7 @@ def _compiled_steps(problem, options):
             signature,
             repr(problem),
             tuple(sorted(options.items())),
-            model_fingerprint(problem.model),
+            problem.model_fingerprint,
         )
         if key in _COMPILED:
             return _COMPILED[key], data

@@ -309,6 +309,9 @@ class InverseProblem:
     # structure, so that a checkpoint written for other priors, noise or simulator is
     # not resumed
     probe_signature: ProbeSignature | None = dataclasses.field(repr=False, default=None)
+    # :func:`~eki_infer.model_args.model_fingerprint` of ``model``, taken once at trace
+    # time: the compiled-code caches (probe, engine, SMC) key on it
+    model_fingerprint: tuple = dataclasses.field(repr=False, default=())
 
     # -- one execution of the model --------------------------------------------------
 
@@ -514,6 +517,7 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
     )
     draft = InverseProblem(
         model=model,
+        model_fingerprint=model_fingerprint(model),
         model_args=tuple(args),
         model_kwargs=dict(kwargs),
         dim=d,
@@ -580,7 +584,7 @@ def _compiled_probe(problem: InverseProblem):
             signature,
             problem.latent_sites,
             problem.observed_sites,
-            model_fingerprint(problem.model),
+            problem.model_fingerprint,
         )
         compiled = _PROBE_CACHE.get(key)
         if compiled is None:
