@@ -25,11 +25,14 @@ failed proposals; see ALGORITHMS.md §6).
 
 A member still unfinished when the batch's deadline passes (``timeout`` times the number
 of rounds the batch needs on the workers, plus one; a new process pool's first batch
-also gets 20 s to start its workers) fails as not finished in time. A Python thread
-cannot be stopped: a hung member keeps its thread, and the pool's other members wait for
-the rest. :class:`ProcessExecutor` instead terminates its worker processes when a member
-times out (a fresh pool serves the next batch) and in :meth:`~Executor.close`, so prefer
-it for simulators that can hang.
+also gets 20 s to start its workers) fails as not finished in time; so do members still
+queued behind hung ones, which hold their workers until then. A Python thread cannot be
+stopped: a hung member keeps its thread, and the pool's other members wait for the rest.
+:class:`ProcessExecutor` instead terminates its worker processes when a member times out
+(a fresh pool serves the next batch) and in :meth:`~Executor.close`, so prefer it for
+simulators that can hang. A member that ends its worker process (a crash in compiled
+code, ``os._exit``) breaks a process pool: it fails together with the members queued or
+running in that pool at the time, and a fresh pool serves the next batch.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ import math
 import multiprocessing
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 
 import numpy as np
+
+from eki_infer.user_warnings import warn
 
 __all__ = [
     "DaskExecutor",
@@ -103,6 +107,15 @@ def _rounds_deadline(timeout, members, workers, allowance=0.0):
     return timeout * (math.ceil(members / max(int(workers or 1), 1)) + 1) + allowance
 
 
+def _broke(future) -> bool:
+    """Whether ``future`` failed because its pool broke (a worker process died)."""
+    return (
+        future.done()
+        and not future.cancelled()
+        and isinstance(future.exception(), cf.BrokenExecutor)
+    )
+
+
 def _collect(futures, done, timeout):
     """Per-member (output, error) from futures; unfinished ones are cancelled and fail
     as timed out, and a future that raised (a worker died, a result could not be
@@ -117,6 +130,16 @@ def _collect(futures, done, timeout):
             continue
         try:
             results.append(future.result())
+        except cf.BrokenExecutor as error:
+            results.append(
+                (
+                    None,
+                    f"{type(error).__name__}: a worker process died while this member was "
+                    "queued or running (this member, or another one in the same pool, ended "
+                    "its process, e.g. a crash in compiled code); the pool is renewed for "
+                    "the next batch",
+                )
+            )
         except Exception as error:
             results.append((None, f"{type(error).__name__}: {error}"))
     return results
@@ -204,22 +227,37 @@ class _PoolExecutor(Executor):
         return self._pool
 
     def _run_all(self, fn, batch_args, shape, dtype):
-        pool = self._ensure_pool()
-        futures = [
-            pool.submit(_call_member, fn, args, shape, dtype, self.timeout) for args in batch_args
-        ]
-        workers = getattr(pool, "_max_workers", None)
+        try:
+            futures = self._submit(fn, batch_args, shape, dtype)
+        except cf.BrokenExecutor:  # a worker died after the last batch: start a fresh pool
+            self._after_broken()
+            futures = self._submit(fn, batch_args, shape, dtype)
+        workers = getattr(self._pool, "_max_workers", None)
         allowance = self.start_allowance if getattr(self, "_fresh", False) else 0.0
         deadline = _rounds_deadline(self.timeout, len(futures), workers, allowance)
         done, pending = cf.wait(futures, timeout=deadline)
         self._fresh = False
+        results = _collect(futures, done, self.timeout)
         if pending:
             self._after_timeout()
-        return _collect(futures, done, self.timeout)
+        elif any(_broke(future) for future in futures):
+            self._after_broken()
+        return results
+
+    def _submit(self, fn, batch_args, shape, dtype):
+        pool = self._ensure_pool()
+        return [
+            pool.submit(_call_member, fn, args, shape, dtype, self.timeout) for args in batch_args
+        ]
 
     def _after_timeout(self) -> None:
         """What to do with members still running past the deadline (threads: nothing
         can be done)."""
+
+    def _after_broken(self) -> None:
+        """A worker died (a process pool's member ended its process, e.g. a crash in
+        compiled code): the pool is unusable, so a fresh one serves the next batch."""
+        self.close()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -291,13 +329,12 @@ class DaskExecutor(Executor):
         if self.client is None:
             from distributed import Client, LocalCluster
 
-            cluster = LocalCluster(
-                n_workers=self.n_workers,
-                threads_per_worker=1,
-                host="127.0.0.1",
-                dashboard_address=None,
-                **self._cluster_options,
-            )
+            options = {"threads_per_worker": 1, "dashboard_address": None}
+            if self._cluster_options.get("processes", True):
+                # worker processes talk over TCP: keep it on loopback (an in-process
+                # cluster, processes=False, uses inproc:// and refuses a host)
+                options["host"] = "127.0.0.1"
+            cluster = LocalCluster(n_workers=self.n_workers, **(options | self._cluster_options))
             self.client = Client(cluster)
             self._owned = cluster
         return self.client
@@ -342,10 +379,9 @@ def using_executor(executor: Executor | None):
     with _LOCK:
         previous = _ACTIVE["executor"]
         if previous is not None and previous is not executor:
-            warnings.warn(
+            warn(
                 "another executor is already active (a run inside a run?); nesting them",
                 RuntimeWarning,
-                stacklevel=3,
             )
         _ACTIVE["executor"] = executor
     try:

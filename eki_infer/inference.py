@@ -27,7 +27,6 @@ others go on.
 from __future__ import annotations
 
 import time
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -44,6 +43,7 @@ from eki_infer.keys import chain_keys, check_rng_key, fold_keys
 from eki_infer.model_args import digest_leaves, split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
+from eki_infer.user_warnings import warn
 from eki_infer.validation import check_count, check_flag
 
 __all__ = ["METHODS", "EKIInference", "RunHistory", "SchedulerError", "default_ensemble_size"]
@@ -102,11 +102,12 @@ class EKIInference:
             (tempered sequential Monte Carlo with Kalman-informed MH moves and a Kalman
             transport to T = 1 where the posterior is close to Gaussian,
             :mod:`eki_infer.smc`: exact as the particle number grows; ``ensemble_size``
-            is the particle count per chain, default 1000, a multiple of the waste-free
-            chain length 10; the posterior holds the final waste-free population, at
-            least that many draws per chain; ``max_iterations`` bounds the stages;
-            ``smc_options`` passes tuning keywords to :func:`eki_infer.smc.run_smc`;
-            gives ``log_evidence``).
+            is the particle count per chain, a multiple of the waste-free chain length
+            10, default 1000 or 100 per latent dimension beyond d = 10
+            (:func:`eki_infer.smc.default_num_particles`); the posterior holds the final
+            waste-free population, at least that many draws per chain;
+            ``max_iterations`` bounds the stages; ``smc_options`` passes tuning keywords
+            to :func:`eki_infer.smc.run_smc`; gives ``log_evidence``).
         ensemble_size: members per chain (EKI/EKS). Default
             :func:`default_ensemble_size` of the latent dimension. UKI uses 2d + 1
             sigma points and ignores it.
@@ -115,7 +116,8 @@ class EKIInference:
             data-misfit controller to T = 1 for EKI and UKI, ``EKSStableScheduler`` for
             EKS.
         max_iterations: upper bound on iterations (default 100 for EKI/UKI, 200 for
-            EKS). EKS and schedulers that never terminate run exactly this many.
+            EKS and for SMC's stages). EKS and schedulers that never terminate run
+            exactly this many.
         num_samples: posterior draws per chain for UKI (from its Gaussian); the other
             methods' draws are their members or particles, and they ignore it.
         eki_variant: EKI only: ``"perturbed"`` (perturbed observations, default) or
@@ -139,7 +141,8 @@ class EKIInference:
             Default: serial. JAX forward maps ignore it (they are vmapped).
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
         smc_options: SMC only: tuning keywords for :func:`eki_infer.smc.run_smc`
-            (checked when the engine is built).
+            (checked when the engine is built; one that the chosen variant does not
+            read, such as ``chain_length`` with ``waste_free=False``, raises).
         blas_threads: threads the BLAS/LAPACK library (SciPy's OpenBLAS, which jaxlib
             uses for CPU factorisations) may use during a run, restored afterwards
             (:mod:`eki_infer.blas_threads`). Default 1: an ensemble step's
@@ -269,14 +272,17 @@ class EKIInference:
             raise ValueError(
                 f"smc_options[{clash[0]!r}] is set through the engine's {engine_owned[clash[0]]}."
             )
-        particles = 1000 if self.ensemble_size is None else self.ensemble_size
         names = {"num_particles": "ensemble_size", "max_stages": "max_iterations"}
-        try:
+        try:  # ensemble_size None: the default, a multiple of chain_length chosen at run time
             check_options(
-                particles, self.num_chains, self.max_iterations, names=names, **self.smc_options
+                self.ensemble_size,
+                self.num_chains,
+                self.max_iterations,
+                names=names,
+                **self.smc_options,
             )
-        except ValueError as err:
-            raise ValueError(f"smc_options: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"smc_options: {err}") from None
 
     # ------------------------------------------------------------------ set-up
     def _make_process(self, dim: int):
@@ -284,12 +290,11 @@ class EKIInference:
             return _processes.uki(mode=self.uki_mode)
         size = self.ensemble_size or default_ensemble_size(dim)
         if size <= dim:
-            warnings.warn(
+            warn(
                 f"ensemble_size={size} is not larger than the latent dimension d={dim}: "
                 "the ensemble spans at most a (J-1)-dimensional subspace, so the posterior "
                 "covariance is rank-deficient. Use ensemble_size > d for a full-rank posterior.",
                 UserWarning,
-                stacklevel=3,
             )
         if self.method == "eki":
             return _processes.eki(size, variant=self.eki_variant)
@@ -325,6 +330,8 @@ class EKIInference:
         self.inference_data = self._samples = self._final_state = None
         self.log_evidence = self.history = self.path = self.problem = None
         with using_executor(self.executor), limited_blas_threads(self.blas_threads):
+            # an earlier run's simulator errors must not be quoted for this one
+            active_executor().last_errors = {}
             return self._run(rng_key, model_args, model_kwargs, checkpoint, resume)
 
     def resume(self, rng_key, *model_args, checkpoint, **model_kwargs):
@@ -370,12 +377,11 @@ class EKIInference:
             runs.append(group_run)
         run = _merge_runs(runs)
         if not run.done.all() and _terminates(scheduler):
-            warnings.warn(
+            warn(
                 f"max_iterations={self.max_iterations} reached before the scheduler reached "
                 f"its final time (t = {run.t.tolist()}); the ensemble is not yet the T = 1 "
                 "posterior approximation. Increase max_iterations.",
                 UserWarning,
-                stacklevel=2,
             )
         self.history = RunHistory(**run.records)
         self.path = run.path
@@ -570,24 +576,27 @@ class EKIInference:
         evidence per chain is ``self.log_evidence`` and the ``log_evidence`` attribute
         (mean over chains). A checkpoint is written after every stage and resumed as
         for the other methods."""
-        from eki_infer.smc import SMCError, run_smc
+        from eki_infer.smc import SMCError, default_num_particles, effective_options, run_smc
 
-        num = self.ensemble_size or 1000
+        options = effective_options(self.smc_options)
+        length = options["chain_length"] if options["waste_free"] else 1
+        num = self.ensemble_size or default_num_particles(problem.dim, length)
         if num <= problem.dim:
-            warnings.warn(
+            warn(
                 f"ensemble_size={num} particles for d={problem.dim} latent dimensions: the "
                 "population covariance that SMC's moves are drawn with is singular (only "
                 "its regularisation moves the particles off a subspace), so the chains mix "
                 "slowly and the posterior spread comes out too small. Use many more "
-                "particles than d (default 1000).",
+                "particles than d (the default is 1000, or 100 × d beyond d = 10).",
                 UserWarning,
-                stacklevel=4,
             )
         checkpoint = None
         if checkpoint_path is not None:
             fingerprint = (
                 ("smc", num, self.num_chains, self.max_iterations),
-                repr(sorted(self.smc_options.items())),
+                # the options in effect, defaults included: {} and the defaults written
+                # out are the same run
+                repr(sorted(options.items())),
                 repr(problem),
                 _data_digest(problem),
                 problem.probe_signature,
@@ -608,6 +617,8 @@ class EKIInference:
                 **self.smc_options,
             )
         except SMCError as error:
+            # what the stages recorded before the failure, for diagnosis
+            self.history = getattr(error, "history", None)
             raise _with_simulator_errors(error, active_executor()) from None
         self.history = result.history
         self.log_evidence = result.log_evidence
@@ -751,7 +762,9 @@ def _with_simulator_errors(error, executor):
     if not errors:
         return error
     member, text = next(iter(errors.items()))
-    return type(error)(f"{error} First simulator error (member {member}): {text}")
+    richer = type(error)(f"{error} First simulator error (member {member}): {text}")
+    richer.__dict__.update(error.__dict__)  # e.g. SMCError's partial history
+    return richer
 
 
 def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> None:
@@ -764,36 +777,33 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
     what = "sigma points" if method == "uki" else "members"
     if num_failed.size and num_failed.max() > points / 2:
         chain, iteration = np.unravel_index(np.argmax(num_failed), num_failed.shape)
-        warnings.warn(
+        warn(
             f"{method.upper()}: the forward map failed (non-finite output) for more than half "
             f"of the {points} {what} at some iteration (worst: {int(num_failed.max())} at "
             f"iteration {iteration} of chain {chain}; history.num_failed has them all). "
             "Each update used only the members that succeeded, so the ensemble describes "
             "the region where the forward map works; check it there.",
             UserWarning,
-            stacklevel=4,
         )
     if method == "uki" and num_failed.size and num_failed.max() > 0:
-        warnings.warn(
+        warn(
             f"UKI: the forward map failed for some sigma points (up to {int(num_failed.max())} "
             f"of {points} at an iteration; history.num_failed). UKI drops them and "
             "renormalises the weights of the rest, so along the directions the failed points "
             "spanned the update has no information: the posterior covariance there can "
             "collapse (even to 0). Prefer EKI, EKS or SMC where the forward map fails.",
             UserWarning,
-            stacklevel=4,
         )
     final_failed = np.asarray(final_failed)
     if final_failed.any():
         per_chain = final_failed.sum(axis=-1).tolist()
-        warnings.warn(
+        warn(
             f"{method.upper()}: the forward map failed for {per_chain} of the "
             f"{final_failed.shape[-1]} final draws (per chain). They stay in the posterior "
             "(the approximation holds them) with NaN log_likelihood and "
             "posterior_predictive, so az.loo/az.waic of this result are NaN; "
             "sample_stats.failed marks them.",
             UserWarning,
-            stacklevel=4,
         )
 
 

@@ -72,12 +72,17 @@ __all__ = [
 
 
 def regularised_covariance(cov, jitter: float):
-    """``cov`` symmetrised plus εI, ε = jitter · tr C / d + 1e-10: positive definite however
-    few distinct particles there are. The one regularisation of SMC's population
-    covariances (proposals and transport alike)."""
+    """``cov`` symmetrised plus εI, ε = jitter · tr C / d (ε = jitter when C = 0, all
+    particles in one point): positive definite however few distinct particles there are.
+    The one regularisation of SMC's population covariances (proposals and transport
+    alike). ε is relative, so it never dominates a narrow posterior: an absolute floor
+    (1e-10 before) froze every move of a posterior with variances below it in whitened
+    space (e.g. sd 1e-12: every proposal rejected, the log evidence 30 too low)."""
     d = cov.shape[0]
     cov = 0.5 * (cov + cov.T)
-    return cov + (jitter * jnp.trace(cov) / d + 1e-10) * jnp.eye(d, dtype=cov.dtype)
+    scale = jnp.trace(cov) / d
+    eps = jitter * jnp.where(scale > 0, scale, 1.0)
+    return cov + eps * jnp.eye(d, dtype=cov.dtype)
 
 
 class TransportMap(NamedTuple):
@@ -159,12 +164,14 @@ def apply_cross_fitted(maps: TransportMap, u, fold):
     A row whose map is not finite (the fitted target covariance lost positive
     definiteness) stays where it is with log_det −∞, i.e. weight zero, so that the
     forward map never sees a NaN parameter. (A fold without finite particles gives a
-    finite map that moves nothing: covariance ≈ 1e-10 I, no shift.)"""
-    other = 1 - fold
-    moved = maps.target_mean[other] + jnp.einsum(
-        "nab,nb->na", maps.matrix[other], u - maps.mean[other]
+    finite map that moves nothing: covariance jitter · I, no shift.)"""
+    other = (1 - fold)[:, None] == 1
+    # both maps on every row (2 n d numbers), then each row's: no per-row gather of A
+    both = maps.target_mean[:, None] + jnp.einsum(
+        "fab,fnb->fna", maps.matrix, u[None] - maps.mean[:, None]
     )
-    log_det = maps.log_det[other]
+    moved = jnp.where(other, both[1], both[0])
+    log_det = jnp.where(other[:, 0], maps.log_det[1], maps.log_det[0])
     ok = jnp.all(jnp.isfinite(moved), axis=-1) & jnp.isfinite(log_det)
     return jnp.where(ok[:, None], moved, u), jnp.where(ok, log_det, -jnp.inf)
 

@@ -44,16 +44,20 @@ def two_means(particles, live, min_particles: int, candidates: int = 32, iterati
     centred = jnp.where(live[:, None], particles - mean, 0.0)
     d = particles.shape[1]
     cov = centred.T @ centred / count
-    cov = cov + (1e-9 * jnp.trace(cov) / d + 1e-12) * jnp.eye(d, dtype=cov.dtype)
+    scale = jnp.trace(cov) / d  # relative regularisation (see regularised_covariance)
+    cov = cov + 1e-9 * jnp.where(scale > 0, scale, 1.0) * jnp.eye(d, dtype=cov.dtype)
     z = jnp.linalg.solve(jnp.linalg.cholesky(cov), centred.T).T
     radius = jnp.where(live, jnp.sum(z**2, -1), -jnp.inf)
     starts = jnp.argsort(-radius)[:candidates]
 
+    # Distances and means as matrix-vector products: the candidates run side by side
+    # (vmap), and forming (z − b)² per candidate would hold candidates × N × d numbers.
     def mean_of(mask):
-        return jnp.sum(jnp.where(mask[:, None], z, 0.0), 0) / jnp.maximum(jnp.sum(mask), 1)
+        return (mask.astype(z.dtype) @ z) / jnp.maximum(jnp.sum(mask), 1)
 
     def nearer_b(a, b):
-        return live & (jnp.sum((z - b) ** 2, -1) < jnp.sum((z - a) ** 2, -1))
+        # |z − b|² < |z − a|²  ⇔  2 z·(b − a) > |b|² − |a|²
+        return live & (2.0 * (z @ (b - a)) > b @ b - a @ a)
 
     def split_from(start):
         def lloyd(_, centres):

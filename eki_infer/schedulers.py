@@ -47,12 +47,13 @@ Schedulers (ALGORITHMS.md §2–3):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from eki_infer.user_warnings import warn
 
 __all__ = [
     "EKS_DEFAULT_NUMERATOR",
@@ -298,20 +299,18 @@ def check_scheduler(method: str, scheduler: Scheduler, mode: str | None = None) 
             f"DefaultScheduler), got {type(scheduler).__name__}."
         )
     if method == "eks" and isinstance(scheduler, DataMisfitController):
-        warnings.warn(
+        warn(
             "EKS with a DataMisfitController: the EKS/ALDI posterior is the long-time "
             "(equilibrium) limit of the dynamics, not the ensemble at T = "
             f"{scheduler.terminate_at:g} where the controller stops. Use "
             "EKSStableScheduler (the default for EKS) and run to equilibrium.",
             UserWarning,
-            stacklevel=2,
         )
     if method == "uki" and mode == "iterative" and isinstance(scheduler, DataMisfitController):
-        warnings.warn(
+        warn(
             "iterative UKI with a DataMisfitController: the prediction inflation is applied "
             "per iteration, not per unit time, so small controller steps let the Gaussian "
             "inflate faster than the data can shrink it. Use DefaultScheduler(1.0) (the "
             "default for iterative UKI) or uki_mode='tempering' for a posterior.",
             UserWarning,
-            stacklevel=2,
         )

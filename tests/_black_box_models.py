@@ -1,6 +1,7 @@
 """Shared by the black-box simulator tests and the kill-and-resume subprocess: an
 exponential-decay model whose forward map exists as JAX code and as a NumPy simulator."""
 
+import os
 import time
 
 import jax.numpy as jnp
@@ -35,6 +36,13 @@ def flaky_decay_numpy(rate, scale):
 
 def always_failing(rate, scale):
     raise RuntimeError("license server unreachable")
+
+
+def ends_its_process(rate, scale):
+    """Ends the worker process for rate > 2 (as a crash in compiled code would)."""
+    if float(rate) > 2.0:
+        os._exit(3)
+    return decay_numpy(rate, scale)
 
 
 def make_model(simulator=None):

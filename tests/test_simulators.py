@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 from eki_infer import EKIInference, EnsembleFailureError
@@ -76,6 +79,44 @@ def test_dask_local_cluster_two_workers(jax_run):
     with DaskExecutor(n_workers=2) as executor:
         engine = run_engine(bbm.make_model(bbm.decay_numpy), executor)
     assert_same_posterior(jax_run, engine)
+
+
+def test_dask_in_process_cluster_starts():
+    """processes=False: an in-process cluster (inproc://), which refuses a host."""
+    pytest.importorskip("distributed")
+    members = [(np.float64(1.0), np.float64(1.0)), (np.float64(1.5), np.float64(0.5))]
+    with DaskExecutor(n_workers=1, processes=False) as executor:
+        outputs, failed = executor.map(bbm.decay_numpy, members, bbm.TIMES.shape, np.float64)
+    assert not failed.any()
+    np.testing.assert_allclose(outputs[1], bbm.decay_numpy(1.5, 0.5))
+
+
+def test_a_member_that_ends_its_process_does_not_break_the_next_batch():
+    """A member that kills its worker breaks the process pool: it fails (with the members
+    sharing that pool at the time) and a fresh pool serves the next batch."""
+    members = [(np.float64(r), np.float64(1.0)) for r in (0.5, 1.0, 3.0, 1.5)]
+    with ProcessExecutor(max_workers=2) as executor:
+        _, failed = executor.map(bbm.ends_its_process, members, bbm.TIMES.shape, np.float64)
+        assert failed[2] and "worker process died" in executor.last_errors[2]
+        outputs, failed = executor.map(
+            bbm.ends_its_process, members[:2], bbm.TIMES.shape, np.float64
+        )
+    assert not failed.any()
+    np.testing.assert_allclose(outputs[1], bbm.decay_numpy(1.0, 1.0))
+
+
+def test_an_earlier_runs_simulator_error_is_not_quoted():
+    """The first simulator error quoted in a failure is this run's, not a previous one's."""
+    with pytest.raises(EnsembleFailureError, match="license server unreachable"):
+        run_engine(bbm.make_model(bbm.always_failing), ensemble_size=10, num_chains=1)
+
+    def model(y=None):  # a pure-JAX forward map that is NaN everywhere
+        rate = numpyro.sample("rate", dist.LogNormal(0.0, 0.5))
+        numpyro.sample("y", dist.Normal(rate * jnp.nan, 0.05).expand([12]).to_event(1), obs=y)
+
+    with pytest.raises(EnsembleFailureError) as error:
+        run_engine(model, ensemble_size=10, num_chains=1)
+    assert "license server" not in str(error.value)
 
 
 def test_nuts_refuses_black_box_model():

@@ -21,6 +21,7 @@ from eki_infer.smc import (
     SMCError,
     chain_ess,
     choose_dt,
+    default_num_particles,
     dmc_dt,
     ess_of_log_weights,
     run_smc,
@@ -303,9 +304,20 @@ def test_failures_get_zero_weight_and_clear_error():
         "forward",
         lambda u: jnp.where(u[..., :1] > 0, jnp.nan, good_forward(u)),
     )
-    result = run_smc(half, jax.random.PRNGKey(0), 200, 1, max_moves=3)
+    result = run_smc(half, jax.random.PRNGKey(0), 200, 1)
     assert np.all(result.particles[..., 0] <= 0)
     assert result.history.t[0, -1] == 1.0
+    # the prior draws that failed are counted, in the first stage, besides its moves'
+    prior_failed = int(np.sum(result.initial_particles[0, :, 0] > 0))
+    assert prior_failed > 50
+    assert result.history.num_failed[0, 0] >= prior_failed
+    # most of the prior fails (u_0 > -0.5: 69 %): a warning says so
+    most = dataclasses.replace(problem)
+    object.__setattr__(
+        most, "forward", lambda u: jnp.where(u[..., :1] > -0.5, jnp.nan, good_forward(u))
+    )
+    with pytest.warns(UserWarning, match="failed .* of the 200 prior draws"):
+        run_smc(most, jax.random.PRNGKey(0), 200, 1)
 
 
 def _linear_problem():
@@ -395,7 +407,9 @@ def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
         original(self, group, loop_state)
 
     monkeypatch.setattr(Checkpoint, "save_progress", count)
-    resumed = EKIInference(linear_gaussian.model, "smc", **options)
+    # defaults written out are the same run as defaults left out: the checkpoint resumes
+    written_out = {"transport": True, "ess_target": 0.3, "chain_length": 10}
+    resumed = EKIInference(linear_gaussian.model, "smc", smc_options=written_out, **options)
     resumed.resume(jax.random.PRNGKey(4), *args, y=y, checkpoint=path)
     stages = full.history.t.shape[1]
     # the interruption falls after chain 0's transport to t = 1 and in chain 1's tempering
@@ -495,11 +509,29 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
     ("kwargs", "message"),
     [
         ({"smc_options": {"chain_length": 0}}, r"smc_options: chain_length must be a positive"),
+        ({"smc_options": {"chain_length": True}}, r"chain_length must be a positive integer"),
+        ({"smc_options": {"max_final_moves": True}}, r"max_final_moves must be an integer >= 0"),
         ({"smc_options": {"ess_targt": 0.5}}, r"smc_options: unknown SMC options \['ess_targt'\]"),
         ({"smc_options": {"max_stages": 3}}, r"smc_options\['max_stages'\] .* max_iterations"),
         ({"smc_options": {"final_ess": 0.8}}, r"final_ess is a number of draws"),
-        ({"smc_options": {"jitter": -1.0}}, r"smc_options: jitter must be a positive number"),
+        ({"smc_options": {"jitter": -1.0}}, r"smc_options: jitter must be a finite positive"),
+        ({"smc_options": {"ess_target": "0.5"}}, r"smc_options: ess_target must be a finite"),
         ({"smc_options": {"rw_acceptance": 5.0}}, r"rw_acceptance must be in \(0, 1\)"),
+        ({"smc_options": {"p_kalman": 0.9, "p_independent": 0.9}}, r"must not exceed 1"),
+        # options that the chosen variant would not read
+        (
+            {"smc_options": {"waste_free": False, "chain_length": 7}},
+            r"chain_length applies only with waste_free=True",
+        ),
+        (
+            {"smc_options": {"waste_free": False, "transport_ess": 0.5}},
+            r"transport_ess applies only with waste_free=True",
+        ),
+        ({"smc_options": {"max_moves": 5}}, r"max_moves applies only with waste_free=False"),
+        (
+            {"smc_options": {"schedule": "dmc", "ess_target": 0.5}},
+            r"ess_target applies only with schedule='ess'",
+        ),
         ({"scheduler": DataMisfitController()}, r"scheduler does not apply to method='smc'"),
         ({"keep_path": True}, r"keep_path does not apply to method='smc'"),
     ],
@@ -507,6 +539,13 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
 def test_smc_options_are_checked_when_the_engine_is_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EKIInference(linear_gaussian.model, "smc", ensemble_size=200, **kwargs)
+
+
+@pytest.mark.parametrize("flag", ["waste_free", "transport"])
+def test_smc_flags_must_be_bools(flag):
+    """A string such as "False" would be true: refused, not taken for the opposite."""
+    with pytest.raises(TypeError, match=f"smc_options: {flag} must be True or False"):
+        EKIInference(linear_gaussian.model, "smc", smc_options={flag: "False"})
 
 
 def test_moves_that_all_fail_raise_with_the_simulator_error():
@@ -517,11 +556,11 @@ def test_moves_that_all_fail_raise_with_the_simulator_error():
 
     args, y = linear_gaussian.simulate_data(jax.random.PRNGKey(0))
     design = np.asarray(args[0])
-    calls = {"n": 0}
+    calls = {"n": 0, "limit": 200}
 
     def simulator(theta):
         calls["n"] += 1
-        if calls["n"] > 200:
+        if calls["n"] > calls["limit"]:
             raise RuntimeError("cluster node lost")
         return design @ theta
 
@@ -539,6 +578,16 @@ def test_moves_that_all_fail_raise_with_the_simulator_error():
     )
     with pytest.raises(SMCError, match=r"stage 1 \(moves\).*cluster node lost"):
         engine.run(jax.random.PRNGKey(3), y=y)
+    assert engine.history is not None and engine.history.t.shape[1] == 0
+    # failing later: the stages recorded before the failure stay, for diagnosis (tracing
+    # 4 calls, prior 200, a stage's 9 moves of 20 chains 180)
+    calls["n"], calls["limit"] = 0, 4 + 200 + 2 * 180 + 30
+    with (
+        pytest.raises(SMCError, match="cluster node lost"),
+        pytest.warns(UserWarning, match="proposals failed"),
+    ):
+        engine.run(jax.random.PRNGKey(3), y=y)
+    assert engine.history.t.shape[1] >= 2 and engine.inference_data is None
 
 
 def test_a_checkpoint_of_other_data_is_refused(linear, tmp_path):
@@ -553,3 +602,59 @@ def test_a_checkpoint_of_other_data_is_refused(linear, tmp_path):
     other = EKIInference(linear_gaussian.model, "smc", ensemble_size=100, progress_bar=False)
     with pytest.raises(CheckpointMismatchError):
         other.resume(jax.random.PRNGKey(0), *args, y=y + 3.0, checkpoint=path)
+
+
+def test_default_particle_count_grows_with_the_dimension():
+    assert default_num_particles(5) == 1000 and default_num_particles(10) == 1000
+    assert default_num_particles(30) == 3000
+    assert default_num_particles(30, chain_length=7) == 3003  # a multiple of it
+
+
+def test_a_very_narrow_posterior_is_sampled():
+    """Posterior sd 1e-12 in whitened space (G(θ) = [1e12 θ, θ], prior misfits ~1e23): the
+    proposals' covariance regularisation is relative, so the moves are not frozen by an
+    absolute floor (an absolute 1e-10 gave sd 1.6e-14 and a log evidence 30 too low)."""
+    scale = 1e12
+
+    def model(y=None):
+        import numpyro
+        import numpyro.distributions as dist
+
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(jnp.stack([scale * theta, theta]), 1.0).to_event(1), obs=y)
+
+    y = jnp.array([0.5 * scale, 0.5])
+    problem = trace_model(model, y=y)
+    result = run_smc(problem, jax.random.PRNGKey(0), 500, 1)
+    theta = np.asarray(jax.jit(problem.prior_transform)(jnp.asarray(result.particles))["theta"])
+    a = np.array([scale, 1.0])
+    sd = 1.0 / np.sqrt(1.0 + a @ a)
+    cov = np.outer(a, a) + np.eye(2)
+    log_z = -0.5 * np.asarray(y) @ np.linalg.solve(cov, np.asarray(y))
+    log_z -= 0.5 * np.linalg.slogdet(cov)[1] + np.log(2 * np.pi)
+    assert abs(theta.std() / sd - 1) < 0.15
+    assert abs(theta.mean() - 0.5) < 0.2 * sd
+    assert abs(result.log_evidence[0] - log_z) < 0.5
+
+
+def test_warnings_name_the_callers_line(linear):
+    """Warnings raised deep in the package point at the user's call (here: this file)."""
+    args, y, problem = linear
+    with pytest.warns(UserWarning, match="max_stages=1") as record:
+        run_smc(problem, jax.random.PRNGKey(0), 100, 1, max_stages=1, transport=False)
+    assert {Path(w.filename).name for w in record} == {Path(__file__).name}
+    engine = EKIInference(linear_gaussian.model, "smc", ensemble_size=100, max_iterations=1)
+    with pytest.warns(UserWarning, match="max_stages=1") as record:
+        engine.run(jax.random.PRNGKey(0), *args, y=y)
+    assert {Path(w.filename).name for w in record} == {Path(__file__).name}
+
+
+def test_small_populations_and_a_short_extension_are_warned_about(linear):
+    """100 particles for d = 5 (fewer than 10 d effective draws in a stage) and no
+    extension at t = 1: both warnings say what happened, naming the chains concerned."""
+    _, _, problem = linear
+    with pytest.warns(UserWarning) as record:
+        run_smc(problem, jax.random.PRNGKey(0), 100, 2, max_final_moves=0)
+    text = " ".join(str(w.message) for w in record)
+    assert "effective sample size fell to" in text and "10 × d = 50" in text
+    assert "max_final_moves=0 allows no extension" in text

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,6 +55,7 @@ from eki_infer.noise import Noise, block_diagonal
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
 from eki_infer.tracing.priors import whitened_shape, whitened_transform
+from eki_infer.user_warnings import warn
 
 __all__ = [
     "DeterministicSite",
@@ -482,12 +482,11 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
             + "). Give each unknown a prior with numpyro.sample."
         )
     if params:
-        warnings.warn(
+        warn(
             f"numpyro.param sites {params} are held at their initial values: only sample "
             "sites with a prior are inferred. To infer one, make it a numpyro.sample site "
             "with a prior; to fix it to a value, this is already what happens.",
             UserWarning,
-            stacklevel=2,
         )
 
     latent_sites, start = [], 0
@@ -640,11 +639,10 @@ def _probe(problem: InverseProblem):
             if j != i and not np.array_equal(latents[j][row], latents[j][1]):
                 moved = True
         if not moved:
-            warnings.warn(
+            warn(
                 f"latent site '{s.name}' influences neither the observed sites nor any "
                 "other latent site: its posterior is its prior. If it is data, pass it "
                 "to the model (a site with obs=None is sampled as a latent variable).",
-                stacklevel=4,
             )
     return (
         [tuple(np.asarray(p)[0] for p in params) for params in noise],
