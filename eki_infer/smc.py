@@ -513,6 +513,11 @@ def _increment(log_weights, misfit, dt):
     return log_weights + jnp.where(jnp.isfinite(misfit), -dt * misfit, -jnp.inf)
 
 
+#: The smallest step choose_dt tries is tiny ** _DT_FLOOR_EXPONENT · (1 − t), tiny the
+#: dtype's smallest normal number (:func:`choose_dt`, :func:`_step_floor_collapse`).
+_DT_FLOOR_EXPONENT = 0.9
+
+
 def choose_dt(log_weights, misfit, t, ess_target: float, iterations: int = 60):
     """The step Δt ∈ (0, 1 − t] at which the ESS of W_i exp(−Δt Φ_i) equals
     ``ess_target`` times its limit as Δt → 0⁺; 1 − t if the ESS stays above that.
@@ -531,7 +536,7 @@ def choose_dt(log_weights, misfit, t, ess_target: float, iterations: int = 60):
 
     tiny = jnp.finfo(remaining.dtype).tiny
     hi = jnp.log(jnp.maximum(remaining, tiny))
-    lo = hi + 0.9 * jnp.log(tiny)
+    lo = hi + _DT_FLOOR_EXPONENT * jnp.log(tiny)
 
     def body(_, bounds):
         a, b = bounds
@@ -1285,8 +1290,8 @@ def run_smc(
     bit where an uninterrupted one would.
     """
     tuning = {name: value for name, value in locals().items() if name in TUNING_OPTIONS}
-    check_options(None, num_chains, max_stages, **tuning)
-    if num_particles is None:
+    if num_particles is None:  # the default depends on chain_length: check it first
+        check_options(None, num_chains, max_stages, **tuning)
         num_particles = default_num_particles(problem.dim, chain_length if waste_free else 1)
     check_options(num_particles, num_chains, max_stages, **tuning)
     y, noise = problem.observations, problem.noise
@@ -1759,7 +1764,7 @@ def _step_floor_collapse(t, dt, ess, finite, active, ess_target: float):
     with a finite misfit (the rule's target is ``ess_target`` times that)."""
     t, ess, finite = (np.asarray(x, dtype=float) for x in (t, ess, finite))
     dt = np.asarray(dt)
-    floor = np.finfo(dt.dtype).tiny ** 0.9 * (1.0 - t)
+    floor = np.finfo(dt.dtype).tiny ** _DT_FLOOR_EXPONENT * (1.0 - t)
     at_floor = np.asarray(active) & (dt > 0) & (dt <= 1.01 * floor)
     return np.nonzero(at_floor & (ess < 0.5 * ess_target * finite))[0]
 
