@@ -19,7 +19,8 @@ One iteration, for all chains at once:
 Chains are independent ensembles. Chain c draws from ``fold_in(rng_key, c)`` and
 iteration n of chain c from ``fold_in(chain_key, n)``, so the same key gives the same
 result bit for bit and chain 0 is the same whatever ``num_chains`` is (SMC: up to
-the length of its final extension, which runs until every chain is done). Chains that
+the length of its final extension, which runs until every chain is done, so chain 0's
+Markov chains have more states beside slower chains: :func:`eki_infer.smc.run_smc`). Chains that
 finish early (the data-misfit controller reached T) are frozen by Δt = 0 while the
 others go on.
 """
@@ -574,9 +575,15 @@ class EKIInference:
         the final equally weighted particles; the per-stage history becomes
         ``ensemble_history`` (dim ``iteration`` = stage) and ``self.history``; the log
         evidence per chain is ``self.log_evidence`` and the ``log_evidence`` attribute
-        (mean over chains). A checkpoint is written after every stage and resumed as
-        for the other methods."""
-        from eki_infer.smc import SMCError, default_num_particles, effective_options, run_smc
+        pools the chains (:func:`eki_infer.smc.pooled_log_evidence`). A checkpoint is
+        written after every stage and resumed as for the other methods."""
+        from eki_infer.smc import (
+            SMCError,
+            default_num_particles,
+            effective_options,
+            pooled_log_evidence,
+            run_smc,
+        )
 
         options = effective_options(self.smc_options)
         length = options["chain_length"] if options["waste_free"] else 1
@@ -625,14 +632,15 @@ class EKIInference:
         self._final_state = result.state
         transform = jax.jit(problem.prior_transform)
         outputs = jnp.asarray(result.outputs)
-        key = jax.random.fold_in(rng_key, 2**30)
         run = _ChainRun(
             state=result.state,
             samples_u=result.particles,
             values=transform(result.particles),
             outputs=outputs,
             failed=~jnp.all(jnp.isfinite(outputs), axis=-1),
-            noise_draws=problem.noise.sample(key, outputs.shape[:2]),
+            noise_draws=_smc_noise_draws(
+                problem.noise, rng_key, self.num_chains, num // length, outputs.shape[1]
+            ),
             initial_values=transform(result.initial_particles),
             records=result.history._asdict(),
             path=None,
@@ -649,7 +657,7 @@ class EKIInference:
                 "num_stages": int(result.history.t.shape[1]),
                 "sequential_rounds": int(result.sequential_rounds),
                 "forward_runs": int(result.forward_runs),
-                "log_evidence": float(np.mean(result.log_evidence)),
+                "log_evidence": pooled_log_evidence(result.log_evidence),
                 "log_evidence_per_chain": [float(v) for v in result.log_evidence],
                 "chain_meaning": "independent SMC run (R-hat compares runs, not Markov chains)",
             },
@@ -905,3 +913,33 @@ def _progress(enabled: bool, total: int, method: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=method.upper(), unit="it", leave=True)
+
+
+#: fold_in index of a chain key for SMC's predictive noise (above any stage number)
+_SMC_NOISE = 2**30 + 1
+
+
+def _smc_noise_draws(noise, rng_key, num_chains, num_heads, num_draws):
+    """Observation-noise draws for SMC's posterior predictive, ``(chains, draws, M)``.
+
+    Draw i·L + b (Markov chain i's b-th state, :class:`eki_infer.smc.SMCResult`) gets
+    the key ``fold_in(fold_in(fold_in(chain_key, 2**30 + 1), i), b)``: a chain's noise
+    depends on its own key and on the state's place in its Markov chain only, not on
+    how many chains ran or how long the final extension was (which sets L), so chain 0's
+    predictive is the same beside any other chains, as its draws are."""
+    length, rest = divmod(num_draws, num_heads)
+    if rest:
+        raise ValueError(f"{num_draws} SMC draws are not {num_heads} Markov chains' states")
+    chain_key = chain_keys(rng_key, jnp.arange(num_chains))
+
+    def per_chain(key):
+        key = jax.random.fold_in(key, _SMC_NOISE)
+
+        def per_head(i):
+            head = jax.random.fold_in(key, i)
+            return jax.vmap(lambda b: noise.sample(jax.random.fold_in(head, b)))(jnp.arange(length))
+
+        draws = jax.vmap(per_head)(jnp.arange(num_heads))
+        return draws.reshape(num_heads * length, -1)
+
+    return jax.vmap(per_chain)(chain_key)

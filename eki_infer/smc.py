@@ -158,7 +158,7 @@ the moves mixed worse (−2.8 ± 2.0 and means off by up to 1.35 sd), so it was 
 
 Hence the default particle count grows with d (:func:`default_num_particles`: 100 per
 dimension beyond d = 10), and a run whose stage populations fall below 10 d effective
-draws warns.
+draws warns (resample-move, which records no such estimate: fewer than 10 d particles).
 
 Defaults, and what the measurements behind them say
 ---------------------------------------------------
@@ -178,7 +178,7 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   resample-move went up to 1.30 ×, and both met 0.1 sd / 10 % on every seed of all five.
   A stage of either variant is limited by its ESS step, not by its moves; waste-free SMC
   pays N − M evaluations per stage instead of N per move. The sequential rounds are
-  16-104 per run (resample-move: 9-18), over 100 × fewer than NUTS's 11,000-51,000.
+  16-104 per run (resample-move: 9-18), over 100 × fewer than NUTS's 11,000-52,000.
   ``chain_length`` 5 and 20 met all five too (26,333 and 29,400 evaluations), but 5
   missed on 1 of 12 lorenz96 runs over the 4 further keys (mean error 0.114).
   ``final_ess`` 0.5 N saved 18 % of the evaluations but left darcy and sir at 0.106 and
@@ -194,8 +194,9 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   models need 30,833 evaluations (28,867 with it), linear_gaussian 6,167 instead of
   3,367 (0.56 × NUTS on its worst seed instead of 0.31), and the linear_gaussian
   log-evidence errors are +0.116, −0.252, +0.023 instead of −0.009, −0.002, +0.004. It
-  takes linear_gaussian from the prior to t = 1 in one stage; on sir its probes cost more
-  than it saves (6,400 evaluations with it, 5,833 without). At ``transport_ess`` 0.5 the
+  takes linear_gaussian from the prior to t = 1 in one stage; on sir, lorenz96 and
+  eight_schools its probes cost more than it saves (6,400, 7,667 and 5,567 evaluations
+  with it; 5,833, 7,467 and 5,467 without). At ``transport_ess`` 0.5 the
   five models met the target with 27,633 evaluations; an earlier version without the
   independence proposal took a transport on exp_sine's seed 1 at an ESS of 0.51 there,
   and the main mode's sd came out 27 % off (8 % at 0.8), so the bar stays at 0.8.
@@ -212,7 +213,7 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   same errors, but it does not see the weights: its first linear_gaussian stages left
   ESS fractions of 5-10 % (rms log-evidence error 0.353 vs 0.123). On exp_sine, whose
   prior-predictive misfits span many orders of magnitude, it started with Δt ≈ 5e-13
-  and needed 14.3 stages and 3.2 × the evaluations (summed over the six models: 90,110
+  and needed 14.3 stages and 3.2 × the evaluations (summed over the six models: 90,111
   vs 65,667 evaluations).
 - ``num_particles`` 1000 (for d ≤ 10; 100 d beyond, see the log evidence above): at
   1000 particles (and a final ESS of 800) the Monte-Carlo error alone brings the worst
@@ -226,7 +227,7 @@ NUTS's gradient evaluations at 1000 warmup + 1000 draws.
   stage (data seed 1, 8 keys) and, for each stage, the mirror's share of the weights its
   reweighting gives the previous stage's particles. Applied to exact draws of π_t the
   moves keep each mode's share (``tests/test_smc.py``), but the population is not made
-  of exact draws: the second stage (t ≈ 0.01 → 0.08) reweights the 9-31 particles on the
+  of exact draws: the second stage (t ≈ 0.01 → 0.08) reweights the 10-34 particles on the
   mirror side (as placed by the first stage's moves) to 0.65-3.5 % of the weight (exact
   1.9 %; without the independence proposal 0.04-2.6 %), its moves then carry part of
   them to the main mode (1.09 % after them, mean of 8 keys). A waste-free stage restarts
@@ -311,6 +312,7 @@ __all__ = [
     "kalman_proposal",
     "move",
     "move_stats",
+    "pooled_log_evidence",
     "reweight_and_resample",
     "run_smc",
     "systematic_resample",
@@ -449,7 +451,8 @@ class SMCResult(NamedTuple):
             such as ArviZ's, see their correlation).
         outputs: their forward outputs ``(chains, draws, M)``.
         initial_particles: the prior draws the run started from ``(chains, N, d)``.
-        log_evidence: log p(y) estimates ``(chains,)``.
+        log_evidence: log p(y) estimates ``(chains,)``; NaN for a chain that stopped
+            before t = 1 (max_stages). :func:`pooled_log_evidence` combines them.
         history: :class:`SMCHistory`.
         forward_evaluations: per chain ``(chains,)``: the forward runs each chain needed.
         forward_runs: the forward runs made, all chains together: every batch runs the
@@ -1227,6 +1230,20 @@ def default_num_particles(dim: int, chain_length: int = 10) -> int:
     return -(-wanted // chain_length) * chain_length
 
 
+def pooled_log_evidence(log_evidence_per_chain) -> float:
+    """The chains' log evidences pooled: log of the mean of their Ẑ_c.
+
+    Each chain's Ẑ_c is an unbiased estimate of p(y) and the chains are independent, so
+    their mean is unbiased too and has 1/C of the variance; the mean of the logs (the log
+    of the geometric mean) would add a downward bias of about half the logs' variance.
+    NaN where any chain has none (a run stopped before t = 1)."""
+    logs = np.asarray(log_evidence_per_chain, dtype=np.float64)
+    if logs.size == 0 or not np.all(np.isfinite(logs)):
+        return float("nan")
+    top = logs.max()  # in float64 whatever JAX's precision
+    return float(top + np.log(np.mean(np.exp(logs - top))))
+
+
 def run_smc(
     problem,
     rng_key,
@@ -1280,8 +1297,12 @@ def run_smc(
     Chain c uses ``fold_in(rng_key, c)`` only, so chain 0 is the same whatever
     ``num_chains`` is (up to floating-point rounding in the batched computation), with
     one exception: waste-free SMC's final extension runs until every chain has met its
-    target, so beside slower chains a chain gets more extra moves (its draws up to its
-    own stopping point are the same).
+    target, so beside slower chains a chain gets more extra moves: each of its M Markov
+    chains has the same first states, but more of them, and as the draws are stored
+    chain by chain (draw i·L + b is Markov chain i's b-th state) the draw arrays are not
+    prefixes of each other; compare ``draws.reshape(M, L, ...)[:, :L_alone]``.
+    EKIInference's predictive noise follows the same rule (one key per chain, Markov
+    chain and state).
 
     ``checkpoint``: an :class:`eki_infer.checkpoint.Checkpoint`; the loop state (the
     populations with their adapted proposals, the history, the counters) is written to
@@ -1560,20 +1581,25 @@ def run_smc(
             bar.close()
     if waste_free:
         states = _chain_major(states, num_heads)
-    if np.any(np.asarray(states.t) < 1.0):
+    unfinished = np.asarray(states.t) < 1.0
+    if np.any(unfinished):
         warn(
             f"max_stages={max_stages} (EKIInference's max_iterations) reached before t = 1 "
-            f"(t = {np.asarray(states.t)}); the particles do not target the posterior yet. "
-            "Increase it.",
+            f"(t = {np.asarray(states.t)}); the particles do not target the posterior yet, "
+            f"and chains {np.nonzero(unfinished)[0].tolist()} have no log evidence (NaN; "
+            "history.log_evidence holds the normaliser of the tempered target they "
+            "reached). Increase it.",
             UserWarning,
         )
     history = _stack_history(records, num_chains)
-    _warn_small_population(history.sample_ess, problem.dim)
+    _warn_small_population(history.sample_ess, problem.dim, None if waste_free else num_particles)
+    if not waste_free:
+        _warn_undecorrelated(history, max_moves, threshold)
     return SMCResult(
         particles=np.asarray(states.particles),
         outputs=np.asarray(states.outputs),
         initial_particles=initial,
-        log_evidence=np.asarray(states.log_z) + const,
+        log_evidence=np.where(unfinished, np.nan, np.asarray(states.log_z) + const),
         history=history,
         forward_evaluations=evaluations,
         forward_runs=runs,
@@ -1712,9 +1738,12 @@ def _check_move_failures(failed, proposed, stage):
 _MIN_ESS_PER_DIM = 10
 
 
-def _warn_small_population(sample_ess, dim: int) -> None:
-    """Warns where a waste-free stage's population was worth fewer than 10 d independent
-    draws (:func:`chain_ess`; NaN rows, resample-move or inactive chains, are skipped).
+def _warn_small_population(sample_ess, dim: int, num_particles: int | None = None) -> None:
+    """Warns where a stage's population was worth fewer than 10 d independent draws.
+
+    Waste-free SMC measures that per stage (``sample_ess``, :func:`chain_ess`; NaN rows,
+    inactive chains, are skipped). Resample-move records no such estimate (NaN rows), so
+    there ``num_particles``, the most its population can be worth, is compared instead.
 
     Why 10 d (``benchmarks/results/smc_dimension.md``, linear-Gaussian, 8 chains): with
     1000 particles the smallest stage ESS was 6.3 d at d = 20, 3.7 d at d = 30 and 2.1 d
@@ -1723,23 +1752,66 @@ def _warn_small_population(sample_ess, dim: int) -> None:
     14.0-16.6 d, the spread 0.29-0.47 and the moments within 0.06 sd and 4 %. The
     reference models (d ≤ 10, 1000 particles) stay above 23 d."""
     ess = np.asarray(sample_ess, dtype=float)
+    if num_particles is not None:
+        if num_particles < _MIN_ESS_PER_DIM * dim:
+            _small_population_warning(
+                f"num_particles={num_particles} (EKIInference's ensemble_size), the most a "
+                "resample-move population can be worth,",
+                dim,
+            )
+        return
     if not ess.size or np.all(np.isnan(ess)):
         return
     low = np.nanmin(np.where(np.isnan(ess), np.inf, ess), axis=1)
     bad = np.nonzero(low < _MIN_ESS_PER_DIM * dim)[0]
     if bad.size:
-        warn(
-            f"SMC: the population's effective sample size fell to "
-            f"{np.round(low[bad], 1).tolist()} (chains {bad.tolist()}) at some stage, below "
-            f"{_MIN_ESS_PER_DIM} × d = {_MIN_ESS_PER_DIM * dim} for d = {dim}. The moves are "
-            "built from the population's d × d covariance, which so few effective draws "
-            "estimate poorly and tie to the particles they move: the log evidence and, "
-            "with fewer still, the posterior moments come out wrong (on a linear-Gaussian "
-            "problem with 1000 particles the log evidence's spread over chains was 1.2 at "
-            "d = 30, and at d = 50 the means were 1.6 sd off). Use more particles (the "
-            "default is 100 × d beyond d = 10).",
-            UserWarning,
+        _small_population_warning(
+            f"the population's effective sample size fell to {np.round(low[bad], 1).tolist()} "
+            f"(chains {bad.tolist()}) at some stage,",
+            dim,
         )
+
+
+def _small_population_warning(what: str, dim: int) -> None:
+    """The small-population warning of :func:`_warn_small_population`, ``what`` first."""
+    warn(
+        f"SMC: {what} below {_MIN_ESS_PER_DIM} × d = {_MIN_ESS_PER_DIM * dim} for d = {dim}. "
+        "The moves are built from the population's d × d covariance, which so few "
+        "effective draws estimate poorly and tie to the particles they move: the log "
+        "evidence and, with fewer still, the posterior moments come out wrong (on a "
+        "linear-Gaussian problem with 1000 particles the log evidence's spread over chains "
+        "was 1.2 at d = 30, and at d = 50 the means were 1.6 sd off). Use more particles "
+        "(the default is 100 × d beyond d = 10).",
+        UserWarning,
+    )
+
+
+def _warn_undecorrelated(history: SMCHistory, max_moves: int, threshold: float) -> None:
+    """Warns about resample-move stages whose moves stopped at ``max_moves`` with some
+    chain's particles still correlated with their resampled starts above ``threshold``:
+    duplicated particles then stay close together, so the population is worth fewer
+    draws than its size and the next stage's weights (and the evidence) are noisier.
+    Read off the history (``moves``, ``correlation``), so a resumed run warns about the
+    stages before its interruption too."""
+    corr = np.asarray(history.correlation, dtype=float)
+    stuck = (np.asarray(history.moves) >= max_moves) & (np.nan_to_num(corr, nan=-1.0) >= threshold)
+    stages = np.nonzero(stuck.any(axis=0))[0]
+    if not stages.size:
+        return
+    listed = "; ".join(
+        f"stage {k + 1}: chains {np.nonzero(stuck[:, k])[0].tolist()} "
+        f"(correlation up to {np.max(corr[stuck[:, k], k]):.2f})"
+        for k in stages[:5]
+    )
+    more = f" and {stages.size - 5} more stages" if stages.size > 5 else ""
+    warn(
+        f"SMC (resample-move): the moves stopped at max_moves={max_moves} before the "
+        f"particles decorrelated from their resampled starts (correlation below "
+        f"{threshold:.2f}) in {listed}{more}. The population holds near-copies, so it is "
+        "worth fewer draws than its size. Raise max_moves, or use waste-free SMC (the "
+        "default), whose chains' states all count.",
+        UserWarning,
+    )
 
 
 def _warn_prior_failures(failed, num_particles: int) -> None:

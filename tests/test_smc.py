@@ -24,6 +24,7 @@ from eki_infer.smc import (
     default_num_particles,
     dmc_dt,
     ess_of_log_weights,
+    pooled_log_evidence,
     run_smc,
 )
 from eki_infer.tracing import trace_model
@@ -373,6 +374,20 @@ def test_engine_smc_end_to_end():
     attrs = dict(getattr(idata, "attrs", {})) or dict(group(idata, "posterior").attrs)
     assert attrs["forward_runs"] >= attrs["forward_evaluations"]
     assert attrs["forward_runs"] % 2 == 0
+    # the chains' evidences pooled as log mean Ẑ, not as the mean of the logs
+    per_chain = np.asarray(attrs["log_evidence_per_chain"])
+    expected = np.log(np.mean(np.exp(per_chain - per_chain.max()))) + per_chain.max()
+    np.testing.assert_allclose(attrs["log_evidence"], expected, rtol=1e-12)
+    # chain 0 alone: the same states and the same predictive noise for each of its 20
+    # Markov chains' first states (the 2-chain run's extension may be longer)
+    alone = EKIInference(linear_gaussian.model, "smc", ensemble_size=200, progress_bar=False)
+    alone_idata = alone.run(jax.random.PRNGKey(0), *args, y=y)
+    for name, site in (("posterior", "theta"), ("posterior_predictive", "y")):
+        first = np.asarray(group(alone_idata, name)[site])[0]
+        second = np.asarray(group(idata, name)[site])[0]
+        first, second = (a.reshape(20, -1, a.shape[-1]) for a in (first, second))
+        n = min(first.shape[1], second.shape[1])
+        np.testing.assert_allclose(first[:, :n], second[:, :n], rtol=1e-8, err_msg=name)
 
 
 def test_checkpoint_resume_is_bit_identical(linear, tmp_path, monkeypatch):
@@ -647,6 +662,62 @@ def test_warnings_name_the_callers_line(linear):
     with pytest.warns(UserWarning, match="max_stages=1") as record:
         engine.run(jax.random.PRNGKey(0), *args, y=y)
     assert {Path(w.filename).name for w in record} == {Path(__file__).name}
+
+
+def test_smc_predictive_noise_is_keyed_by_chain_markov_chain_and_state(linear):
+    """Chain 0's noise for Markov chain i's b-th state is the same beside another chain
+    and with a longer extension (7 states per Markov chain instead of 5)."""
+    from eki_infer.inference import _smc_noise_draws
+
+    noise = linear[2].noise
+    key = jax.random.PRNGKey(3)
+    alone = np.asarray(_smc_noise_draws(noise, key, 1, 4, 20))
+    beside = np.asarray(_smc_noise_draws(noise, key, 2, 4, 28))
+    m = noise.dim
+    assert alone.shape == (1, 20, m) and beside.shape == (2, 28, m)
+    np.testing.assert_array_equal(alone[0].reshape(4, 5, m), beside[0].reshape(4, 7, m)[:, :5])
+    assert not np.allclose(beside[0], beside[1])
+    with pytest.raises(ValueError, match="not 4 Markov chains"):
+        _smc_noise_draws(noise, key, 1, 4, 21)
+
+
+def test_pooled_log_evidence():
+    """log of the mean of the chains' Ẑ (each unbiased), NaN where a chain has none."""
+    logs = np.array([-3.0, -1.0, -2.0])
+    assert pooled_log_evidence(logs) == pytest.approx(np.log(np.mean(np.exp(logs))), rel=1e-12)
+    assert pooled_log_evidence([-1e4, -1e4 + np.log(3.0)]) == pytest.approx(-1e4 + np.log(2.0))
+    assert np.isnan(pooled_log_evidence([-1.0, np.nan]))
+
+
+def test_an_unfinished_run_reports_no_evidence(linear):
+    """Stopped before t = 1, a chain's normaliser is that of a tempered target, not p(y):
+    the result's log evidence is NaN (the warning says so); the history keeps the value."""
+    _, _, problem = linear
+    with pytest.warns(UserWarning, match=r"chains \[0\] have no log evidence"):
+        result = run_smc(problem, jax.random.PRNGKey(0), 100, 1, max_stages=1, transport=False)
+    assert float(result.history.t[0, -1]) < 1.0
+    assert np.isnan(result.log_evidence).all()
+    assert np.isfinite(result.history.log_evidence).all()
+
+
+def test_resample_move_warns_when_its_moves_fall_short(linear):
+    """Resample-move with 40 particles for d = 5 (below 10 d) and one random-walk move a
+    stage (not enough to decorrelate): both warnings name the option and the stages."""
+    _, _, problem = linear
+    with pytest.warns(UserWarning) as record:
+        run_smc(
+            problem,
+            jax.random.PRNGKey(0),
+            40,
+            2,
+            waste_free=False,
+            max_moves=1,
+            p_kalman=0.0,
+            p_independent=0.0,
+        )
+    text = " ".join(str(w.message) for w in record)
+    assert "num_particles=40" in text and "10 × d = 50" in text
+    assert "stopped at max_moves=1" in text and "stage 1: chains [0, 1]" in text
 
 
 def test_small_populations_and_a_short_extension_are_warned_about(linear):
