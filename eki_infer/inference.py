@@ -283,7 +283,10 @@ class EKIInference:
                 **self.smc_options,
             )
         except (TypeError, ValueError) as err:
-            raise type(err)(f"smc_options: {err}") from None
+            # blame smc_options only where the message is about one of the options given
+            given = any(name in str(err) for name in self.smc_options)
+            where = "smc_options" if given or "SMC option" in str(err) else "method='smc'"
+            raise type(err)(f"{where}: {err}") from None
 
     # ------------------------------------------------------------------ set-up
     def _make_process(self, dim: int):

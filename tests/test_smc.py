@@ -556,6 +556,15 @@ def test_smc_options_are_checked_when_the_engine_is_built(kwargs, message):
         EKIInference(linear_gaussian.model, "smc", ensemble_size=200, **kwargs)
 
 
+def test_a_bad_particle_count_blames_the_engine_option_not_smc_options():
+    with pytest.raises(ValueError, match=r"^method='smc': .*ensemble_size \(2\)"):
+        EKIInference(linear_gaussian.model, "smc", ensemble_size=2)
+    with pytest.raises(ValueError, match=r"^smc_options: .*chain_length \(7\)"):
+        EKIInference(
+            linear_gaussian.model, "smc", ensemble_size=20, smc_options={"chain_length": 7}
+        )
+
+
 @pytest.mark.parametrize("flag", ["waste_free", "transport"])
 def test_smc_flags_must_be_bools(flag):
     """A string such as "False" would be true: refused, not taken for the opposite."""

@@ -70,6 +70,57 @@ def test_noise_depending_on_a_latent():
     np.testing.assert_allclose(problem.noise.variances(), 0.25)
 
 
+def test_noise_depending_on_a_latent_only_away_from_the_probe_points():
+    """A scale that is constant wherever the model is probed still depends on 'a': the
+    structural check names it (and not 'b', which the scale does not read)."""
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a + b, jnp.where(a > 2.5, 0.05, 0.3)), obs=y)
+
+    message = _raises(model, y=Y, site="y", match=("computed from latent variables ('a')",))
+    assert "'b'" not in message
+
+    def shape_only(y=None):  # the scale takes the mean's shape, not its value
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, 0.3 * jnp.ones_like(a + jnp.zeros(3))), obs=y)
+
+    np.testing.assert_allclose(trace_model(shape_only, y=Y).noise.variances(), 0.09)
+
+
+def test_the_noise_message_names_no_made_up_site():
+    """No single latent moves the scale at the probe points: the message names the ones
+    the scale is computed from instead of a placeholder."""
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a + b, jnp.where(jnp.abs(a) > 0.5, 1.0, 0.3)), obs=y)
+
+    message = _raises(model, y=Y, site="y")
+    assert "the noise parameter" not in message and "'a'" in message, message
+
+
+def test_data_that_would_be_repeated_are_refused():
+    """A column vector against a vector mean would compare every datum with every output."""
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a + jnp.arange(3.0), 0.3), obs=y)
+
+    _raises(model, y=Y[:, None], site="y", match=("(3, 1)", "(3,)", "(3, 3)"))
+    _raises(model, y=np.float64(1.0), site="y", match=("broadcast to (3,)",))
+    # replicated observations (more leading dims) and a scalar mean on a vector are fine
+    assert trace_model(model, y=np.stack([Y, Y])).data_dim == 6
+
+    def scalar_mean(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, 0.3), obs=y)
+
+    assert trace_model(scalar_mean, y=Y).data_dim == 3
+
+
 def test_mvn_covariance_depending_on_a_latent():
     def model(y=None):
         ell = numpyro.sample("ell", dist.LogNormal(0.0, 0.3))

@@ -16,8 +16,10 @@ of
 - ``LowRankMultivariateNormal``: a :class:`~eki_infer.noise.LowRankNoise`, with a block
   diagonal factor for a batch of events.
 
-The data may broadcast against the distribution (``Normal(mu, 1)`` observed on a vector),
-in which case the site's shape is the broadcast shape. Masks (``obs_mask``,
+The distribution may broadcast against the data (``Normal(mu, 1)`` observed on a vector),
+in which case the site's shape is the data's shape; data that would themselves be
+broadcast (repeated) to fit the distribution, such as a column vector against a vector,
+are refused. Masks (``obs_mask``,
 ``handlers.mask``) are rejected rather than silently dropped; see
 :mod:`eki_infer.tracing.problem`.
 """
@@ -203,6 +205,16 @@ def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
             f"distribution's shape {fn_shape}.",
             name,
         ) from err
+    if shape != obs_shape:
+        raise ModelTracingError(
+            f"observed site '{name}': data of shape {obs_shape} against the distribution's "
+            f"shape {fn_shape} broadcast to {shape}, so each datum would be compared with "
+            "several of the model's outputs (the data repeated, as NumPyro would, and almost "
+            f"always a slip such as a column vector for a vector). Give the data the shape "
+            f"{fn_shape} (or more leading dims for replicated observations), or the site's "
+            "distribution the data's shape (.expand, a plate).",
+            name,
+        )
     event_ndim = 0 if family == "Normal" else 1
     scalar = family == "Normal" and math.prod(np.shape(_base(fn).scale)) == 1
     return GaussianSite(family, shape, event_ndim, scalar, len(fn.event_shape))

@@ -146,7 +146,8 @@ class _Record(NamedTuple):
 class _WhitenedRun(Messenger):
     """Sets each latent site to the whitened transform of the next slice of ``u``.
 
-    ``u`` is a flat array; with ``u=None`` every latent gets whitened zeros (the prior
+    ``u`` is a flat array (or a list of one slice per latent site, in order); with
+    ``u=None`` every latent gets whitened zeros (the prior
     median, site by site), which is how the tracer discovers the model. ``strict`` turns on
     the checks that need concrete values (masks, scales, plates), done at trace time.
     """
@@ -216,6 +217,8 @@ class _WhitenedRun(Messenger):
         n = math.prod(whitened_shape(fn, name))
         if self.u is None:
             chunk = jnp.zeros((n,), dtype=jnp.result_type(float))
+        elif isinstance(self.u, list):  # one array per latent site (_noise_inputs)
+            chunk = self.u[len(self.latents)]
         else:
             if self.offset + n > self.u.shape[-1]:
                 raise ModelTracingError(
@@ -470,8 +473,9 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
             "the model has no observed site: did you pass the data? A site whose obs is "
             "None is sampled as a latent variable"
             + (f"; this run sampled {sampled}" if sampled else "")
-            + ". Pass the observations to trace_model the way the model takes them "
-            "(e.g. trace_model(model, x, y=y_obs))."
+            + ". Pass the observations the way the model takes them, after the key "
+            "(engine.run(rng_key, x, y=y_obs)) or to trace_model (trace_model(model, x, "
+            "y=y_obs))."
         )
     params = ", ".join(f"'{name}'" for name in dict.fromkeys(run.params))
     if not run.latents:
@@ -550,7 +554,20 @@ def _family(fn):
 
 
 _PROBE_CACHE: dict = {}
+_NOISE_INPUTS_CACHE: dict = {}  # _noise_inputs' answers, by the same key
 _PROBE_CACHE_SIZE = 8
+
+
+def _structure_key(problem: InverseProblem, signature) -> tuple:
+    """What the probe's compiled code depends on: the model, its arguments' shapes and
+    static values (``signature``), its sites and its code (the fingerprint)."""
+    return (
+        problem.model,
+        signature,
+        problem.latent_sites,
+        problem.observed_sites,
+        problem.model_fingerprint,
+    )
 
 
 def _compiled_probe(problem: InverseProblem):
@@ -578,13 +595,7 @@ def _compiled_probe(problem: InverseProblem):
     if signature is None:
         compiled = jax.jit(probe_all)
     else:
-        key = (
-            problem.model,
-            signature,
-            problem.latent_sites,
-            problem.observed_sites,
-            problem.model_fingerprint,
-        )
+        key = _structure_key(problem, signature)
         compiled = _PROBE_CACHE.get(key)
         if compiled is None:
             compiled = jax.jit(probe_all)
@@ -592,6 +603,58 @@ def _compiled_probe(problem: InverseProblem):
                 _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
             _PROBE_CACHE[key] = compiled
     return lambda U: compiled(U, data)
+
+
+def _noise_inputs(problem: InverseProblem) -> list[list[str]]:
+    """For each observed site, the latent sites its noise parameters are computed from.
+
+    A structural check that complements the probe's values: the model's map from the
+    latent slices of u to the noise parameters is traced to a jaxpr once, and every
+    equation that reads a value derived from a latent marks its outputs as derived too.
+    A scale such as ``jnp.where(a > 2.5, 0.05, 0.3)`` takes one value at every probe
+    point yet depends on ``a``; the probe alone would miss it. Conservative: an output of
+    an equation (a loop, a callback) any of whose inputs depends on a latent counts as
+    depending on it, and shape-only uses (``jnp.ones_like(mu)``) do not count."""
+    _, signature, _ = split_model_args(problem.model_args, problem.model_kwargs)
+    key = None if signature is None else _structure_key(problem, signature)
+    if key is not None and key in _NOISE_INPUTS_CACHE:
+        return _NOISE_INPUTS_CACHE[key]
+    sites = problem.latent_sites
+    dtype = jnp.result_type(float)
+
+    def noise_of(*parts):
+        # one input per latent site (not a flat u, whose slices would all derive from it)
+        run = _WhitenedRun(handlers.seed(problem.model, rng_seed=0), u=list(parts))
+        run(*problem.model_args, **problem.model_kwargs)
+        pairs = zip(problem._gaussian, run.observed, strict=True)
+        return [g.noise_parameters(r.fn) for g, r in pairs]
+
+    parts = [jnp.zeros(s.size, dtype) for s in sites]
+    closed, out = jax.make_jaxpr(noise_of, return_shape=True)(*parts)
+    jaxpr = closed.jaxpr
+    derived = {v: {i} for i, v in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+        sources = set()
+        for v in eqn.invars:
+            if type(v).__name__ != "Literal":
+                sources |= derived.get(v, set())
+        if sources:
+            for v in eqn.outvars:
+                derived[v] = sources
+    outputs = iter(jaxpr.outvars)
+    result = []
+    for params in out:
+        sources = set()
+        for _ in jax.tree_util.tree_leaves(params):
+            v = next(outputs)
+            if type(v).__name__ != "Literal":
+                sources |= derived.get(v, set())
+        result.append([sites[i].name for i in sorted(sources)])
+    if key is not None:
+        if len(_NOISE_INPUTS_CACHE) >= _PROBE_CACHE_SIZE:
+            _NOISE_INPUTS_CACHE.pop(next(iter(_NOISE_INPUTS_CACHE)))
+        _NOISE_INPUTS_CACHE[key] = result
+    return result
 
 
 def _probe(problem: InverseProblem):
@@ -613,6 +676,7 @@ def _probe(problem: InverseProblem):
     def same(a, b):
         return np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
 
+    structural = _noise_inputs(problem)
     for k, site in enumerate(problem.observed_sites):
         params = [np.asarray(p) for p in noise[k]]
         if not all(same(p[row], p[0]) for p in params for row in (1, 2)):
@@ -620,15 +684,31 @@ def _probe(problem: InverseProblem):
                 s.name
                 for i, s in enumerate(problem.latent_sites)
                 if not all(same(p[3 + i], p[1]) for p in params)
-            ]
+            ] or structural[k]
             who = f" (it changes with {', '.join(repr(c) for c in culprits)})" if culprits else ""
-            culprit = culprits[0] if culprits else "the noise parameter"
+            if culprits:
+                fix = (
+                    f"pass {culprits[0]} to the model as data, or "
+                    f"numpyro.handlers.substitute(model, {{{culprits[0]!r}: value}})"
+                )
+            else:
+                fix = "pass it to the model as data, or compute it without the latents"
             raise ModelTracingError(
                 f"the noise (scale or covariance) of observed site '{site.name}' depends on "
                 f"latent variables{who}. Learning the noise is not supported yet: Γ must be "
-                f"known. Fix it to a value (pass {culprit} to the model as data, or "
-                f"numpyro.handlers.substitute(model, {{{culprit!r}: value}})), or estimate "
-                "it beforehand.",
+                f"known. Fix it to a value ({fix}), or estimate it beforehand.",
+                site.name,
+            )
+
+    for site, culprits in zip(problem.observed_sites, structural, strict=True):
+        if culprits:
+            names = ", ".join(repr(c) for c in culprits)
+            raise ModelTracingError(
+                f"the noise (scale or covariance) of observed site '{site.name}' is computed "
+                f"from latent variables ({names}). It took the same value at the points the "
+                "model was probed at, but can change elsewhere, so Γ is not known. Learning "
+                f"the noise is not supported yet: fix it to a value (pass it to the model as "
+                "data, or compute it without the latents), or estimate it beforehand.",
                 site.name,
             )
 
