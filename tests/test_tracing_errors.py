@@ -1,5 +1,6 @@
 """Models trace_model cannot serve: each raises ModelTracingError naming the site."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -87,6 +88,17 @@ def test_noise_depending_on_a_latent_only_away_from_the_probe_points():
         numpyro.sample("y", dist.Normal(a, 0.3 * jnp.ones_like(a + jnp.zeros(3))), obs=y)
 
     np.testing.assert_allclose(trace_model(shape_only, y=Y).noise.variances(), 0.09)
+
+    @jax.jit
+    def simulate(a, sigma):  # one jitted helper returns the mean and the (fixed) scale
+        return a + jnp.arange(3.0), sigma
+
+    def jitted_helper(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        mean, scale = simulate(a, 0.3)
+        numpyro.sample("y", dist.Normal(mean, scale), obs=y)
+
+    np.testing.assert_allclose(trace_model(jitted_helper, y=Y).noise.variances(), 0.09)
 
 
 def test_the_noise_message_names_no_made_up_site():

@@ -632,29 +632,53 @@ def _noise_inputs(problem: InverseProblem) -> list[list[str]]:
     parts = [jnp.zeros(s.size, dtype) for s in sites]
     closed, out = jax.make_jaxpr(noise_of, return_shape=True)(*parts)
     jaxpr = closed.jaxpr
-    derived = {v: {i} for i, v in enumerate(jaxpr.invars)}
-    for eqn in jaxpr.eqns:
-        sources = set()
-        for v in eqn.invars:
-            if type(v).__name__ != "Literal":
-                sources |= derived.get(v, set())
-        if sources:
-            for v in eqn.outvars:
-                derived[v] = sources
-    outputs = iter(jaxpr.outvars)
+    outputs = iter(_output_sources(jaxpr, [{i} for i in range(len(jaxpr.invars))]))
     result = []
     for params in out:
         sources = set()
         for _ in jax.tree_util.tree_leaves(params):
-            v = next(outputs)
-            if type(v).__name__ != "Literal":
-                sources |= derived.get(v, set())
+            sources |= next(outputs)
         result.append([sites[i].name for i in sorted(sources)])
     if key is not None:
         if len(_NOISE_INPUTS_CACHE) >= _PROBE_CACHE_SIZE:
             _NOISE_INPUTS_CACHE.pop(next(iter(_NOISE_INPUTS_CACHE)))
         _NOISE_INPUTS_CACHE[key] = result
     return result
+
+
+def _output_sources(jaxpr, input_sources: list[set]) -> list[set]:
+    """Which inputs each output of ``jaxpr`` is computed from (sets of input indices).
+
+    Every equation passes the union of its inputs' sources to its outputs, except the
+    call-like ones (``jit``, ``custom_jvp_call``, ``checkpoint`` ...: an inner jaxpr with
+    the equation's inputs and outputs), which are followed inside, so a jitted helper that
+    returns the mean and the scale does not tie the scale to the mean's inputs."""
+
+    def sources_of(v, derived):
+        return set() if type(v).__name__ == "Literal" else derived.get(v, set())
+
+    derived = dict(zip(jaxpr.invars, input_sources, strict=True))
+    for eqn in jaxpr.eqns:
+        ins = [sources_of(v, derived) for v in eqn.invars]
+        if not any(ins):
+            continue
+        inner = next(
+            (eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params),
+            None,
+        )
+        inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+        if (
+            inner is not None
+            and hasattr(inner, "eqns")
+            and len(inner.invars) == len(eqn.invars)
+            and len(inner.outvars) == len(eqn.outvars)
+        ):
+            outs = _output_sources(inner, ins)
+        else:
+            union = set().union(*ins)
+            outs = [union] * len(eqn.outvars)
+        derived.update(zip(eqn.outvars, outs, strict=True))
+    return [sources_of(v, derived) for v in jaxpr.outvars]
 
 
 def _probe(problem: InverseProblem):
