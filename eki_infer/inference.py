@@ -285,7 +285,7 @@ class EKIInference:
         except (TypeError, ValueError) as err:
             # blame smc_options only where the message is about one of the options given
             given = any(name in str(err) for name in self.smc_options)
-            where = "smc_options" if given or "SMC option" in str(err) else "method='smc'"
+            where = "smc_options" if given else "method='smc'"
             raise type(err)(f"{where}: {err}") from None
 
     # ------------------------------------------------------------------ set-up
@@ -585,6 +585,7 @@ class EKIInference:
             default_num_particles,
             effective_options,
             pooled_log_evidence,
+            predictive_noise_draws,
             run_smc,
         )
 
@@ -641,7 +642,7 @@ class EKIInference:
             values=transform(result.particles),
             outputs=outputs,
             failed=~jnp.all(jnp.isfinite(outputs), axis=-1),
-            noise_draws=_smc_noise_draws(
+            noise_draws=predictive_noise_draws(
                 problem.noise, rng_key, self.num_chains, num // length, outputs.shape[1]
             ),
             initial_values=transform(result.initial_particles),
@@ -916,33 +917,3 @@ def _progress(enabled: bool, total: int, method: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=method.upper(), unit="it", leave=True)
-
-
-#: fold_in index of a chain key for SMC's predictive noise (above any stage number)
-_SMC_NOISE = 2**30 + 1
-
-
-def _smc_noise_draws(noise, rng_key, num_chains, num_heads, num_draws):
-    """Observation-noise draws for SMC's posterior predictive, ``(chains, draws, M)``.
-
-    Draw i·L + b (Markov chain i's b-th state, :class:`eki_infer.smc.SMCResult`) gets
-    the key ``fold_in(fold_in(fold_in(chain_key, 2**30 + 1), i), b)``: a chain's noise
-    depends on its own key and on the state's place in its Markov chain only, not on
-    how many chains ran or how long the final extension was (which sets L), so chain 0's
-    predictive is the same beside any other chains, as its draws are."""
-    length, rest = divmod(num_draws, num_heads)
-    if rest:
-        raise ValueError(f"{num_draws} SMC draws are not {num_heads} Markov chains' states")
-    chain_key = chain_keys(rng_key, jnp.arange(num_chains))
-
-    def per_chain(key):
-        key = jax.random.fold_in(key, _SMC_NOISE)
-
-        def per_head(i):
-            head = jax.random.fold_in(key, i)
-            return jax.vmap(lambda b: noise.sample(jax.random.fold_in(head, b)))(jnp.arange(length))
-
-        draws = jax.vmap(per_head)(jnp.arange(num_heads))
-        return draws.reshape(num_heads * length, -1)
-
-    return jax.vmap(per_chain)(chain_key)

@@ -313,6 +313,7 @@ __all__ = [
     "move",
     "move_stats",
     "pooled_log_evidence",
+    "predictive_noise_draws",
     "reweight_and_resample",
     "run_smc",
     "systematic_resample",
@@ -1301,8 +1302,8 @@ def run_smc(
     chains has the same first states, but more of them, and as the draws are stored
     chain by chain (draw i·L + b is Markov chain i's b-th state) the draw arrays are not
     prefixes of each other; compare ``draws.reshape(M, L, ...)[:, :L_alone]``.
-    EKIInference's predictive noise follows the same rule (one key per chain, Markov
-    chain and state).
+    EKIInference's predictive noise follows the same rule (:func:`predictive_noise_draws`:
+    one key per chain, Markov chain and state).
 
     ``checkpoint``: an :class:`eki_infer.checkpoint.Checkpoint`; the loop state (the
     populations with their adapted proposals, the history, the counters) is written to
@@ -1592,9 +1593,10 @@ def run_smc(
             UserWarning,
         )
     history = _stack_history(records, num_chains)
-    _warn_small_population(history.sample_ess, problem.dim, None if waste_free else num_particles)
-    if not waste_free:
-        _warn_undecorrelated(history, max_moves, threshold)
+    if waste_free:
+        _warn_small_population(history.sample_ess, problem.dim)
+    else:
+        _warn_resample_move(history, num_particles, problem.dim, max_moves, threshold)
     return SMCResult(
         particles=np.asarray(states.particles),
         outputs=np.asarray(states.outputs),
@@ -1621,7 +1623,33 @@ def _stack_history(records: dict, num_chains: int) -> SMCHistory:
 
 # fold_in indices of a stage key that are not move numbers (moves count from 1)
 _HEADS = 2**20
+# fold_in indices of a chain key that are not stage numbers (stages count from 1)
 _FINAL_STAGE = 2**30
+_PREDICTIVE_NOISE = 2**30 + 1
+
+
+def predictive_noise_draws(noise, rng_key, num_chains: int, num_heads: int, num_draws: int):
+    """Observation-noise draws for the posterior predictive, ``(chains, draws, M)``.
+
+    Draw i·L + b (Markov chain i's b-th state, :class:`SMCResult`; resample-move: L = 1)
+    gets the key ``fold_in(fold_in(fold_in(chain_key, 2**30 + 1), i), b)``: a chain's
+    noise depends on its own key and on the state's place in its Markov chain only, not
+    on how many chains ran or how long the final extension was (which sets L), so chain
+    0's predictive is the same beside any other chains, as its draws are."""
+    length, rest = divmod(num_draws, num_heads)
+    if rest:
+        raise ValueError(f"{num_draws} SMC draws are not {num_heads} Markov chains' states")
+    noise_keys = fold_keys(chain_keys(rng_key, jnp.arange(num_chains)), _PREDICTIVE_NOISE)
+
+    def per_chain(key):
+        def per_head(i):
+            head = jax.random.fold_in(key, i)
+            states = jnp.arange(length)
+            return jax.vmap(lambda b: noise.sample(jax.random.fold_in(head, b)))(states)
+
+        return jax.vmap(per_head)(jnp.arange(num_heads)).reshape(num_heads * length, -1)
+
+    return jax.vmap(per_chain)(noise_keys)
 
 
 def _extend_final_chains(steps, states, per_chain, num_heads, target, max_moves, args):
@@ -1738,12 +1766,9 @@ def _check_move_failures(failed, proposed, stage):
 _MIN_ESS_PER_DIM = 10
 
 
-def _warn_small_population(sample_ess, dim: int, num_particles: int | None = None) -> None:
-    """Warns where a stage's population was worth fewer than 10 d independent draws.
-
-    Waste-free SMC measures that per stage (``sample_ess``, :func:`chain_ess`; NaN rows,
-    inactive chains, are skipped). Resample-move records no such estimate (NaN rows), so
-    there ``num_particles``, the most its population can be worth, is compared instead.
+def _warn_small_population(sample_ess, dim: int) -> None:
+    """Warns where a waste-free stage's population was worth fewer than 10 d independent
+    draws (:func:`chain_ess`; NaN rows, inactive chains, are skipped).
 
     Why 10 d (``benchmarks/results/smc_dimension.md``, linear-Gaussian, 8 chains): with
     1000 particles the smallest stage ESS was 6.3 d at d = 20, 3.7 d at d = 30 and 2.1 d
@@ -1752,14 +1777,6 @@ def _warn_small_population(sample_ess, dim: int, num_particles: int | None = Non
     14.0-16.6 d, the spread 0.29-0.47 and the moments within 0.06 sd and 4 %. The
     reference models (d ≤ 10, 1000 particles) stay above 23 d."""
     ess = np.asarray(sample_ess, dtype=float)
-    if num_particles is not None:
-        if num_particles < _MIN_ESS_PER_DIM * dim:
-            _small_population_warning(
-                f"num_particles={num_particles} (EKIInference's ensemble_size), the most a "
-                "resample-move population can be worth,",
-                dim,
-            )
-        return
     if not ess.size or np.all(np.isnan(ess)):
         return
     low = np.nanmin(np.where(np.isnan(ess), np.inf, ess), axis=1)
@@ -1786,13 +1803,22 @@ def _small_population_warning(what: str, dim: int) -> None:
     )
 
 
-def _warn_undecorrelated(history: SMCHistory, max_moves: int, threshold: float) -> None:
-    """Warns about resample-move stages whose moves stopped at ``max_moves`` with some
-    chain's particles still correlated with their resampled starts above ``threshold``:
-    duplicated particles then stay close together, so the population is worth fewer
-    draws than its size and the next stage's weights (and the evidence) are noisier.
-    Read off the history (``moves``, ``correlation``), so a resumed run warns about the
-    stages before its interruption too."""
+def _warn_resample_move(history: SMCHistory, num_particles, dim, max_moves, threshold) -> None:
+    """Resample-move's warnings, read off the history (so a resumed run warns about the
+    stages before its interruption too).
+
+    It records no population ESS, so the small-population rule compares
+    ``num_particles``, the most its population can be worth, with 10 d. And it warns about
+    stages whose moves stopped at ``max_moves`` with some chain's particles still
+    correlated with their resampled starts above ``threshold``: duplicated particles then
+    stay close together, so the population is worth fewer draws than its size and the
+    next stage's weights (and the evidence) are noisier."""
+    if num_particles < _MIN_ESS_PER_DIM * dim:
+        _small_population_warning(
+            f"num_particles={num_particles} (EKIInference's ensemble_size), the most a "
+            "resample-move population can be worth,",
+            dim,
+        )
     corr = np.asarray(history.correlation, dtype=float)
     stuck = (np.asarray(history.moves) >= max_moves) & (np.nan_to_num(corr, nan=-1.0) >= threshold)
     stages = np.nonzero(stuck.any(axis=0))[0]

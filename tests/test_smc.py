@@ -25,6 +25,7 @@ from eki_infer.smc import (
     dmc_dt,
     ess_of_log_weights,
     pooled_log_evidence,
+    predictive_noise_draws,
     run_smc,
 )
 from eki_infer.tracing import trace_model
@@ -676,18 +677,16 @@ def test_warnings_name_the_callers_line(linear):
 def test_smc_predictive_noise_is_keyed_by_chain_markov_chain_and_state(linear):
     """Chain 0's noise for Markov chain i's b-th state is the same beside another chain
     and with a longer extension (7 states per Markov chain instead of 5)."""
-    from eki_infer.inference import _smc_noise_draws
-
     noise = linear[2].noise
     key = jax.random.PRNGKey(3)
-    alone = np.asarray(_smc_noise_draws(noise, key, 1, 4, 20))
-    beside = np.asarray(_smc_noise_draws(noise, key, 2, 4, 28))
+    alone = np.asarray(predictive_noise_draws(noise, key, 1, 4, 20))
+    beside = np.asarray(predictive_noise_draws(noise, key, 2, 4, 28))
     m = noise.dim
     assert alone.shape == (1, 20, m) and beside.shape == (2, 28, m)
     np.testing.assert_array_equal(alone[0].reshape(4, 5, m), beside[0].reshape(4, 7, m)[:, :5])
     assert not np.allclose(beside[0], beside[1])
     with pytest.raises(ValueError, match="not 4 Markov chains"):
-        _smc_noise_draws(noise, key, 1, 4, 21)
+        predictive_noise_draws(noise, key, 1, 4, 21)
 
 
 def test_pooled_log_evidence():

@@ -51,7 +51,7 @@ class GaussianSite(NamedTuple):
     """What the tracer knows about one observed Gaussian site at trace time."""
 
     family: str  # one of GAUSSIAN_LIKELIHOODS
-    shape: tuple[int, ...]  # value shape (distribution shape broadcast with the data)
+    shape: tuple[int, ...]  # value shape: the data's (the distribution broadcasts to it)
     event_ndim: int  # 0 for Normal, 1 for the multivariate families
     scalar_scale: bool  # Normal with one scale for all elements: Γ = σ² I
     # trailing axes one log-density value covers: the distribution's event dims

@@ -558,6 +558,25 @@ _NOISE_INPUTS_CACHE: dict = {}  # _noise_inputs' answers, by the same key
 _PROBE_CACHE_SIZE = 8
 
 
+def _noise_parameters(problem: InverseProblem, run) -> list:
+    """Each observed site's noise parameters in a run of the model (the probe's and
+    :func:`_noise_inputs`' view of Γ)."""
+    pairs = zip(problem._gaussian, run.observed, strict=True)
+    return [g.noise_parameters(r.fn) for g, r in pairs]
+
+
+def _cached(cache: dict, key, make):
+    """``make()`` once per key (None: not cacheable), keeping the newest
+    ``_PROBE_CACHE_SIZE`` entries."""
+    if key is None:
+        return make()
+    if key not in cache:
+        if len(cache) >= _PROBE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
 def _structure_key(problem: InverseProblem, signature) -> tuple:
     """What the probe's compiled code depends on: the model, its arguments' shapes and
     static values (``signature``), its sites and its code (the fingerprint)."""
@@ -581,8 +600,7 @@ def _compiled_probe(problem: InverseProblem):
 
     def probe(p, u):
         run = p._run(u)
-        pairs = zip(p._gaussian, run.observed, strict=True)
-        noise = [g.noise_parameters(r.fn) for g, r in pairs]
+        noise = _noise_parameters(p, run)
         observed = [jnp.asarray(r.value) for r in run.observed]
         latents = [r.value for r in run.latents]
         return noise, observed, latents, p._forward(run)
@@ -592,16 +610,8 @@ def _compiled_probe(problem: InverseProblem):
         bound = dataclasses.replace(problem, model_args=args, model_kwargs=kwargs)
         return jax.vmap(lambda u: probe(bound, u))(U)
 
-    if signature is None:
-        compiled = jax.jit(probe_all)
-    else:
-        key = _structure_key(problem, signature)
-        compiled = _PROBE_CACHE.get(key)
-        if compiled is None:
-            compiled = jax.jit(probe_all)
-            if len(_PROBE_CACHE) >= _PROBE_CACHE_SIZE:
-                _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
-            _PROBE_CACHE[key] = compiled
+    key = None if signature is None else _structure_key(problem, signature)
+    compiled = _cached(_PROBE_CACHE, key, lambda: jax.jit(probe_all))
     return lambda U: compiled(U, data)
 
 
@@ -617,33 +627,28 @@ def _noise_inputs(problem: InverseProblem) -> list[list[str]]:
     depending on it, and shape-only uses (``jnp.ones_like(mu)``) do not count."""
     _, signature, _ = split_model_args(problem.model_args, problem.model_kwargs)
     key = None if signature is None else _structure_key(problem, signature)
-    if key is not None and key in _NOISE_INPUTS_CACHE:
-        return _NOISE_INPUTS_CACHE[key]
     sites = problem.latent_sites
-    dtype = jnp.result_type(float)
 
     def noise_of(*parts):
         # one input per latent site (not a flat u, whose slices would all derive from it)
         run = _WhitenedRun(handlers.seed(problem.model, rng_seed=0), u=list(parts))
         run(*problem.model_args, **problem.model_kwargs)
-        pairs = zip(problem._gaussian, run.observed, strict=True)
-        return [g.noise_parameters(r.fn) for g, r in pairs]
+        return _noise_parameters(problem, run)
 
-    parts = [jnp.zeros(s.size, dtype) for s in sites]
-    closed, out = jax.make_jaxpr(noise_of, return_shape=True)(*parts)
-    jaxpr = closed.jaxpr
-    outputs = iter(_output_sources(jaxpr, [{i} for i in range(len(jaxpr.invars))]))
-    result = []
-    for params in out:
-        sources = set()
-        for _ in jax.tree_util.tree_leaves(params):
-            sources |= next(outputs)
-        result.append([sites[i].name for i in sorted(sources)])
-    if key is not None:
-        if len(_NOISE_INPUTS_CACHE) >= _PROBE_CACHE_SIZE:
-            _NOISE_INPUTS_CACHE.pop(next(iter(_NOISE_INPUTS_CACHE)))
-        _NOISE_INPUTS_CACHE[key] = result
-    return result
+    def find():
+        parts = [jnp.zeros(s.size, jnp.result_type(float)) for s in sites]
+        closed, out = jax.make_jaxpr(noise_of, return_shape=True)(*parts)
+        jaxpr = closed.jaxpr
+        outputs = iter(_output_sources(jaxpr, [{i} for i in range(len(jaxpr.invars))]))
+        result = []
+        for params in out:
+            sources = set()
+            for _ in jax.tree_util.tree_leaves(params):
+                sources |= next(outputs)
+            result.append([sites[i].name for i in sorted(sources)])
+        return result
+
+    return _cached(_NOISE_INPUTS_CACHE, key, find)
 
 
 def _output_sources(jaxpr, input_sources: list[set]) -> list[set]:
