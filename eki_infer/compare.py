@@ -216,13 +216,37 @@ def _from_arviz(obj) -> MethodRun:
         samples[str(name)] = values.reshape((-1, *values.shape[2:]))
     evaluations, seconds, kind = None, None, "forward"
     history = _arviz_group(obj, "ensemble_history")
+    attrs = _run_attrs(obj, posterior)
     if history is not None and "forward_evaluations" in history:
         evaluations = int(np.asarray(history["forward_evaluations"].values)[:, -1].sum())
         if "wall_time" in history:
-            seconds = float(np.asarray(history["wall_time"].values)[:, -1].max())
-    elif "forward_evaluations" in (attrs := _run_attrs(obj, posterior)):
+            # sequential chains each keep their own clock: the run took their sum
+            wall = np.asarray(history["wall_time"].values)[:, -1]
+            sequential = attrs.get("chain_method") == "sequential"
+            seconds = float(wall.sum() if sequential else wall.max())
+    elif "forward_evaluations" in attrs:
         evaluations = int(attrs["forward_evaluations"])
     return MethodRun(samples, evaluations, kind, seconds)
+
+
+def _check_sites(name, samples, reference, sites) -> None:
+    """Raises a ValueError naming the result and the site when a compared site is
+    missing or its per-draw shape differs from the reference's (a (chains, draws, ...)
+    array passed where (draws, ...) is expected is the common cause)."""
+    for site in sites:
+        if site not in samples:
+            raise ValueError(
+                f"{name!r} has no site {site!r} (it has {sorted(samples)}); pick the "
+                "compared sites with sites=[...]."
+            )
+        shape = np.shape(samples[site])[1:]
+        expected = np.shape(reference[site])[1:]
+        if shape != expected:
+            raise ValueError(
+                f"site {site!r}: {name!r} has draws of shape {shape}, the reference "
+                f"{expected}; samples must be laid out (draws, ...), with chains merged "
+                "into the draws (get_samples() without group_by_chain)."
+            )
 
 
 def as_method_run(result) -> MethodRun:
@@ -249,7 +273,12 @@ def as_method_run(result) -> MethodRun:
         seconds = float(wall.sum() if result.chain_method == "sequential" else wall.max())
         note = f"{result.method.upper()}"
         if result.method != "uki":
-            note += f", J = {result.ensemble_size or 'default'}"
+            if result.method == "smc":  # its state holds the waste-free pool, not N
+                obj = result.inference_data
+                members = _run_attrs(obj, _arviz_group(obj, "posterior"))["num_particles"]
+            else:
+                members = np.shape(result.final_state.particles)[1]
+            note += f", J = {members}"
         note += f", {result.num_chains} chain(s), {history.t.shape[1]} iterations"
         return MethodRun(result.get_samples(), evaluations, "forward", seconds, note)
     if isinstance(result, NUTSResult):
@@ -576,6 +605,8 @@ def compare(
         raise ValueError(f"a result is named like the reference ({reference_name!r}).")
 
     site_list = _common_sites(ref_run, runs) if sites is None else list(sites)
+    for name, run in {reference_name: ref_run, **runs}.items():
+        _check_sites(name, run.samples, ref_run.samples, site_list)
     names, ref_draws = flatten_samples(ref_run.samples, site_list)
     ref_sd = ref_draws.std(axis=0, ddof=1)
     ref_sd = np.where(ref_sd > 0, ref_sd, 1.0)

@@ -11,7 +11,8 @@ self-normalised importance weights against the exact unnormalised posterior
 which are computable because the prior in u-space is exactly N(0, I) and the
 likelihood is Gaussian with known Γ. It reports the effective sample size fraction
 ESS/n (1 when q equals the posterior), Pareto-free tail information (the largest
-normalised weight) and the importance-corrected mean shift in q's standard deviations.
+normalised weight) and how far the weights move the draws' mean, in q's standard
+deviations.
 
 Limits (read before trusting a "good"):
 
@@ -34,19 +35,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from eki_infer.blas_threads import limited_blas_threads
+from eki_infer.executors import using_executor
+from eki_infer.keys import check_rng_key
+from eki_infer.user_warnings import warn
+from eki_infer.validation import check_count
+
 __all__ = ["GaussianCheck", "gaussian_approximation_check"]
+
+_EIGENVALUE_FLOOR = 100.0
+"""Eigenvalues of q's covariance below this many machine epsilons of the largest are
+raised to it: q stays a proper Gaussian when the ensemble is nearly flat in some
+direction (a float32 run, or J barely above d), instead of a NaN Cholesky factor."""
 
 
 class GaussianCheck(NamedTuple):
     """Result per chain (arrays of shape (num_chains,)).
 
     Attributes:
-        ess_fraction: ESS / n of the importance weights (1 = perfect).
-        max_weight: the largest normalised weight (≈ 1/n when perfect, → 1 when bad).
-        mean_shift: max over coordinates of |E_w[u] − m| / sd_q: how far the weighted
-            mean moves, in q's standard deviations (whitened coordinates).
+        ess_fraction: ESS / n of the importance weights (1 = perfect; 0 when every draw
+            failed).
+        max_weight: the largest normalised weight (≈ 1/n when perfect, → 1 when bad;
+            NaN when every draw failed).
+        mean_shift: max over coordinates of |E_w[u] − ū| / sd_q, with ū the unweighted
+            mean of the same draws: how far the weights move the mean, in q's standard
+            deviations (whitened coordinates). Exactly 0 when q is the posterior, so it
+            carries no Monte-Carlo noise of q's own draws.
         good: ess_fraction ≥ threshold (all chains).
         threshold: the ESS fraction used for ``good``.
+        failed: draws per chain where the forward map failed (given zero weight).
     """
 
     ess_fraction: np.ndarray
@@ -54,19 +71,35 @@ class GaussianCheck(NamedTuple):
     mean_shift: np.ndarray
     good: bool
     threshold: float
+    failed: np.ndarray
 
 
 def _gaussians(engine):
+    """q's mean (chains, d) and covariance (chains, d, d) in whitened space."""
     state = engine.final_state
-    if state is None or engine.problem is None:
-        raise RuntimeError("run the engine first.")
     if engine.method == "uki":
         return jnp.asarray(state.mean), jnp.asarray(state.cov)
     u = jnp.asarray(state.particles)  # EKI/EKS (and SMC) ensembles: (chains, J, d)
+    size, d = u.shape[1], u.shape[2]
+    if size <= d:
+        raise ValueError(
+            f"gaussian_approximation_check: the {engine.method.upper()} ensemble has "
+            f"{size} members for {d} parameters, so its covariance is singular and a "
+            f"Gaussian fitted to it has no density; run with ensemble_size > {d}."
+        )
     mean = u.mean(axis=1)
     du = u - mean[:, None, :]
-    cov = jnp.einsum("cni,cnj->cij", du, du) / u.shape[1]
+    cov = jnp.einsum("cni,cnj->cij", du, du) / size
     return mean, cov
+
+
+def _square_roots(cov):
+    """Per chain a square root S (S Sᵀ = cov, eigenvalues floored) and log det(S Sᵀ)."""
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    lam, vec = jnp.linalg.eigh(cov)
+    floor = _EIGENVALUE_FLOOR * jnp.finfo(cov.dtype).eps * jnp.max(lam, axis=-1, keepdims=True)
+    lam = jnp.maximum(lam, jnp.maximum(floor, jnp.finfo(cov.dtype).tiny))
+    return vec * jnp.sqrt(lam)[:, None, :], jnp.sum(jnp.log(lam), axis=-1)
 
 
 def gaussian_approximation_check(
@@ -75,35 +108,56 @@ def gaussian_approximation_check(
     """Importance-sampling check of an EKI/EKS/UKI run's Gaussian against the exact
     posterior (see the module docstring for what it can and cannot tell).
 
+    The forward runs go through the engine's executor (and BLAS thread limit), as the
+    run's own did. Draws where the forward map fails get zero weight and are counted in
+    ``failed`` (with a warning): the check then describes the posterior where the
+    model works.
+
     Args:
         engine: a finished :class:`~eki_infer.EKIInference`.
         rng_key: key for the draws (default PRNGKey(0)).
-        num_draws: draws per chain (= forward evaluations per chain).
-        threshold: ESS fraction below which the approximation is called poor.
+        num_draws: draws per chain (= forward evaluations per chain), at least 2.
+        threshold: ESS fraction below which the approximation is called poor, in (0, 1].
     """
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    check_rng_key(rng_key)
+    check_count("num_draws", num_draws, minimum=2)
+    if isinstance(threshold, str | bool) or not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
     problem = engine.problem
     mean, cov = _gaussians(engine)
     d = mean.shape[-1]
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    cov = cov + (1e-9 * jnp.trace(cov, axis1=-2, axis2=-1) / d)[:, None, None] * jnp.eye(d)
-    chol = jnp.linalg.cholesky(cov)
+    root, logdet = _square_roots(cov)
     keys = jax.random.split(rng_key, mean.shape[0])
-    xi = jax.vmap(lambda k: jax.random.normal(k, (num_draws, d)))(keys)
-    u = mean[:, None, :] + jnp.einsum("cij,cnj->cni", chol, xi)
-    outputs = jax.jit(problem.forward)(u)
+    xi = jax.vmap(lambda k: jax.random.normal(k, (num_draws, d), dtype=mean.dtype))(keys)
+    u = mean[:, None, :] + jnp.einsum("cij,cnj->cni", root, xi)
+    with using_executor(engine.executor), limited_blas_threads(engine.blas_threads):
+        outputs = jax.jit(problem.forward)(u)
     ok = jnp.all(jnp.isfinite(outputs), axis=-1)
     residual = jnp.where(ok[..., None], problem.observations - outputs, 0.0)
     phi = problem.noise.misfit(residual)
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_q = -0.5 * jnp.sum(xi**2, axis=-1) - 0.5 * logdet[:, None]
     log_w = -0.5 * jnp.sum(u**2, axis=-1) - phi - log_q
-    log_w = jnp.where(ok & jnp.isfinite(log_w), log_w, -jnp.inf)
-    log_w = log_w - logsumexp(log_w, axis=1, keepdims=True)
+    ok = ok & jnp.isfinite(log_w)
+    log_w = jnp.where(ok, log_w, -jnp.inf)
+    log_w = log_w - logsumexp(log_w, axis=1, keepdims=True)  # NaN rows: every draw failed
     w = jnp.exp(log_w)
-    ess = 1.0 / jnp.sum(w**2, axis=1) / num_draws
-    shift = jnp.einsum("cn,cni->ci", w, u) - mean
+    any_ok = jnp.any(ok, axis=1)
+    ess = jnp.where(any_ok, 1.0 / jnp.sum(w**2, axis=1) / num_draws, 0.0)
+    shift = jnp.einsum("cn,cni->ci", w, u) - u.mean(axis=1)
     sd = jnp.sqrt(jnp.diagonal(cov, axis1=-2, axis2=-1))
+    failed = np.asarray(num_draws - jnp.sum(ok, axis=1))
+    if np.any(failed):
+        warn(
+            f"gaussian_approximation_check: the forward map failed for {failed.tolist()} "
+            f"of the {num_draws} draws (per chain); they get zero weight, so the check "
+            "describes the posterior where the model works"
+            + (
+                " (every draw failed on some chain: its ESS is 0)."
+                if np.any(failed == num_draws)
+                else "."
+            )
+        )
     ess = np.asarray(ess)
     return GaussianCheck(
         ess_fraction=ess,
@@ -111,4 +165,5 @@ def gaussian_approximation_check(
         mean_shift=np.asarray(jnp.max(jnp.abs(shift) / sd, axis=-1)),
         good=bool(np.all(ess >= threshold)),
         threshold=float(threshold),
+        failed=failed,
     )

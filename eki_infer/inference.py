@@ -63,7 +63,9 @@ class RunHistory(NamedTuple):
     update), the step ``dt`` taken (0 once a chain has finished), the mean and standard
     deviation over successful members of the data misfit ½‖Γ^{-1/2}(y − G(u))‖², the
     number of failed members, the cumulative number of forward-model evaluations, and
-    the cumulative wall time in seconds (shared by all chains).
+    the cumulative wall time in seconds (shared by all chains; with
+    ``chain_method="sequential"`` each chain's own clock, so the run's total is the sum
+    of the chains' last entries).
     """
 
     t: np.ndarray
@@ -659,6 +661,7 @@ class EKIInference:
             jax.jit(problem.pointwise_log_likelihood),
             {
                 "num_stages": int(result.history.t.shape[1]),
+                "num_particles": int(num),
                 "sequential_rounds": int(result.sequential_rounds),
                 "forward_runs": int(result.forward_runs),
                 "log_evidence": pooled_log_evidence(result.log_evidence),
@@ -701,6 +704,8 @@ class EKIInference:
             dims=dims,
             attrs={
                 "method": self.method,
+                # how the chains ran: with "sequential" each keeps its own wall clock
+                "chain_method": self.chain_method,
                 "num_iterations": int(self.history.t.shape[1]),
                 # the evaluations that drove the updates (SMC: every stage's), as the
                 # history counts them

@@ -282,3 +282,35 @@ def test_a_bare_arviz_object_is_one_result(linear_comparison):
     row = next(iter(summary.values()))
     # the bounds of test_end_to_end_linear_gaussian: EKI with J = 200 against NUTS
     assert row["max_abs_mean_error"] < 0.4 and row["max_abs_sd_ratio_minus_1"] < 0.3
+
+
+def test_mismatched_or_missing_sites_are_named():
+    rng = np.random.default_rng(3)
+    result = {"a": rng.normal(size=300)}
+    # a (chains, draws) reference where (draws,) is expected
+    with pytest.raises(ValueError, match=r"site 'a'.*shape \(\).*\(100,\).*\(draws, \.\.\.\)"):
+        compare(results={"run": result}, reference={"a": rng.normal(size=(4, 100))})
+    with pytest.raises(ValueError, match=r"'run' has no site 'b'"):
+        reference = {"a": rng.normal(size=400), "b": rng.normal(size=400)}
+        compare(results={"run": result}, reference=reference, sites=["a", "b"])
+
+
+def test_sequential_chains_report_their_summed_wall_time():
+    """With chain_method='sequential' each chain keeps its own clock: the engine and its
+    ArviZ object report the same seconds, the sum over chains."""
+    from eki_infer import EKIInference
+    from models import linear_gaussian
+
+    args, y = linear_gaussian.simulate_data(jax.random.PRNGKey(0))
+    engine = EKIInference(
+        linear_gaussian.model,
+        method="eki",
+        ensemble_size=50,
+        num_chains=3,
+        chain_method="sequential",
+        progress_bar=False,
+    )
+    engine.run(jax.random.PRNGKey(1), *args, y=y)
+    total = float(engine.history.wall_time[:, -1].sum())
+    assert as_method_run(engine).seconds == pytest.approx(total)
+    assert as_method_run(engine.inference_data).seconds == pytest.approx(total)

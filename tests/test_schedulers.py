@@ -80,6 +80,24 @@ def test_dmc_step_formula():
     assert float(state.t) == pytest.approx(min(q, 1.0), rel=1e-12)
 
 
+def test_dmc_step_whose_float32_sum_rounds_to_t_terminates():
+    """A q a hair below T − t whose float32 sum with t rounds to T ends the run there
+    (else the state sits at t = T, not done, and the next step is a degenerate 0)."""
+    controller = DataMisfitController()
+    step = jax.jit(lambda st, r: controller.next(st, r, jnp.ones(2, bool)))
+    state = SchedulerState(jnp.float32(0.75), jnp.float32(0.1), jnp.int32(1), jnp.bool_(False))
+    hits = 0
+    residual = np.float32(np.sqrt(8.0))  # q = remaining = 0.25 exactly at √8
+    for _ in range(30):
+        residual = np.nextafter(residual, np.float32(np.inf))  # q just below 0.25
+        dt, new = step(state, jnp.asarray([[0.0], [residual]], jnp.float32))
+        assert np.isfinite(float(dt))
+        if float(new.t) >= 1.0:
+            hits += 1
+            assert bool(new.done), (float(dt), float(new.t))
+    assert hits > 0  # the rounding case occurred
+
+
 def test_dmc_continue_goes_past_terminal_time():
     dts, state = drive(DataMisfitController(on_terminate="continue"), 40)
     assert len(dts) == 40

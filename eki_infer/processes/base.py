@@ -63,6 +63,7 @@ __all__ = [
     "ensemble_process",
     "ensemble_weights",
     "implicit_solve",
+    "kalman_increments",
     "keep_if_moved",
     "masked_mean",
     "psd_sqrt",
@@ -278,6 +279,24 @@ def centred_weights(h, ok, count):
     return (hm - jnp.sum(hm, axis=1, keepdims=True) * (ok / count)[None, :]) / jnp.sqrt(count)
 
 
+def kalman_increments(y, dt, v, u, ok, count):
+    """Rows ``H A`` of the Kalman increments, ``H = V Yᵀ (I_J + Δt Y Yᵀ)⁻¹`` and A the
+    scaled anomalies of ``u`` (``(J, d)``) over the ``ok`` rows, shape ``(K, d)``.
+
+    When J ≤ M the J × J weights are formed once with the centring folded in
+    (:func:`centred_weights`), so the ensemble is touched in one pass. When J > M the
+    push-through form ``V (I_M + Δt YᵀY)⁻¹ (Yᵀ A)`` needs only M × M and M × d products:
+    O(J M (M + d)) work instead of the J × J weights' O(J² (M + d)).
+    """
+    j, m = y.shape
+    if j <= m:
+        return centred_weights(ensemble_weights(y, dt, v), ok, count) @ u
+    _, a, _ = anomalies(u, ok)
+    s = _eye(m, y.dtype) + dt * (y.T @ y)
+    chol = jnp.linalg.cholesky(s)
+    return cho_solve((chol, True), v.T).T @ (y.T @ a)
+
+
 def implicit_solve(x, dt, rhs):
     """Rows of ``(I_d + Δt XᵀX)⁻¹ r`` for each row r of ``rhs`` (``(K, d)``).
 
@@ -315,8 +334,11 @@ def redraw_failed(rng_key, x, ok):
     """Replace the rows of ``x`` that are not ``ok`` by draws from the Gaussian fitted to
     the ok rows (ALGORITHMS.md §6), in ensemble form without any d × d matrix.
 
-    Draws are ``mean + ξ A`` with ξ ~ N(0, I_J) and A the scaled anomalies of the ok rows
-    (covariance AᵀA, the package's 1/n normalisation). When the fitted covariance is
+    Draws are ``mean + ζ R`` with ζ ~ N(0, I_k), k = min(J, d), and R the triangular
+    factor of the QR decomposition A = QR of the ok rows' scaled anomalies A (covariance
+    AᵀA = RᵀR, the package's 1/n normalisation): O(J d k) work and no J × J matrix,
+    which matters because under ``vmap`` over chains the skip below becomes a select and
+    the redraw runs at every step. When the fitted covariance is
     certainly singular (n − 1 < d) an isotropic jitter of variance
     ``max_i C_ii · √eps`` is added — a cheap stand-in for ``eigmax · √eps`` that needs no
     eigendecomposition. When no row failed, ``x`` is returned unchanged.
@@ -326,7 +348,8 @@ def redraw_failed(rng_key, x, ok):
     def redraw(x):
         mean, a, count = anomalies(x, ok)
         k_mix, k_jit = jax.random.split(rng_key)
-        draws = mean + jax.random.normal(k_mix, (j, j), dtype=x.dtype) @ a
+        r = jnp.linalg.qr(a, mode="r")  # (min(J, d), d) with RᵀR = AᵀA
+        draws = mean + jax.random.normal(k_mix, (j, r.shape[0]), dtype=x.dtype) @ r
         var_max = jnp.max(jnp.sum(a * a, axis=0))
         jitter = jnp.where(count - 1 < d, jnp.sqrt(var_max * jnp.sqrt(jnp.finfo(x.dtype).eps)), 0.0)
         draws = draws + jitter * jax.random.normal(k_jit, (j, d), dtype=x.dtype)

@@ -31,11 +31,10 @@ import jax.numpy as jnp
 from eki_infer.processes.base import (
     EnsembleProcess,
     anomalies,
-    centred_weights,
     check_ensemble_size,
     detect_failures,
     ensemble_process,
-    ensemble_weights,
+    kalman_increments,
     keep_if_moved,
     redraw_failed,
     whiten_outputs,
@@ -70,7 +69,7 @@ def eki_perturbed_update(rng_key, u, g, y, noise, dt, failed=None):
     _, yanom, count = anomalies(gw, ok)
     xi = jax.random.normal(k_obs, gw.shape, dtype=u.dtype)
     scaled = dt * (yw - gw) + jnp.sqrt(jnp.maximum(dt, 0.0)) * xi
-    new = u + centred_weights(ensemble_weights(yanom, dt, scaled), ok, count) @ u
+    new = u + kalman_increments(yanom, dt, scaled, u, ok, count)
     new = redraw_failed(k_fail, new, ok)
     return keep_if_moved(dt, new, u)
 

@@ -1,0 +1,97 @@
+"""The Gaussian-approximation check: exact where q is the posterior, clear errors on an
+ensemble without a density and on bad options, the run's executor, failed draws counted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from _black_box_models import decay_numpy, make_model, observations
+
+from eki_infer import EKIInference
+from eki_infer.diagnostics import gaussian_approximation_check
+from eki_infer.executors import ThreadExecutor
+
+MATRIX = jnp.array([[1.0, 0.5, 0.1], [0.2, 1.0, 0.0], [0.3, -0.4, 1.0], [0.0, 0.7, -0.2]])
+DATA = jnp.array([0.5, 1.0, -0.2, 0.3])
+
+
+def linear_model(y=None):
+    theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    numpyro.sample("y", dist.Normal(MATRIX @ theta, 0.3).to_event(1), obs=y)
+
+
+def test_exact_gaussian_gets_uniform_weights():
+    # UKI is exact for a linear-Gaussian problem: q is the posterior, so every weight is
+    # 1/n up to rounding, the ESS is 1 and the weights move the draws' mean by nothing.
+    uki = EKIInference(linear_model, "uki", num_chains=2, progress_bar=False)
+    uki.run(jax.random.PRNGKey(0), y=DATA)
+    check = gaussian_approximation_check(uki, num_draws=500)
+    np.testing.assert_allclose(check.ess_fraction, 1.0, atol=1e-9)
+    np.testing.assert_allclose(check.max_weight, 1.0 / 500, rtol=1e-6)
+    assert np.all(check.mean_shift < 1e-6)
+    assert check.good and np.all(check.failed == 0)
+
+
+def test_ensemble_without_a_density_is_refused():
+    eki = EKIInference(linear_model, "eki", ensemble_size=3, progress_bar=False)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        eki.run(jax.random.PRNGKey(0), y=DATA)
+    with pytest.raises(ValueError, match=r"3 members for 3 parameters.*ensemble_size > 3"):
+        gaussian_approximation_check(eki)
+
+
+def test_bad_options_are_named():
+    uki = EKIInference(linear_model, "uki", progress_bar=False)
+    with pytest.raises(RuntimeError, match="run"):
+        gaussian_approximation_check(uki)
+    uki.run(jax.random.PRNGKey(0), y=DATA)
+    with pytest.raises(ValueError, match="num_draws"):
+        gaussian_approximation_check(uki, num_draws=1)
+    with pytest.raises(ValueError, match="threshold"):
+        gaussian_approximation_check(uki, threshold=0.0)
+
+
+class CountingExecutor(ThreadExecutor):
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.batches = 0
+
+    def map(self, *args, **kwargs):
+        self.batches += 1
+        return super().map(*args, **kwargs)
+
+
+FAIL = {"now": False}
+
+
+def decay_that_can_fail(rate, scale):
+    if FAIL["now"]:
+        raise RuntimeError("simulator down")
+    return decay_numpy(rate, scale)
+
+
+def test_check_runs_through_the_executor_and_counts_failed_draws():
+    executor = CountingExecutor(2)
+    eki = EKIInference(
+        make_model(decay_that_can_fail),
+        "eki",
+        ensemble_size=20,
+        executor=executor,
+        progress_bar=False,
+    )
+    eki.run(jax.random.PRNGKey(0), y=observations())
+    executor.batches = 0
+    check = gaussian_approximation_check(eki, num_draws=40)
+    assert executor.batches == 1  # one batch of all draws, through the run's executor
+    assert np.all(check.failed == 0) and np.all(check.ess_fraction > 0)
+
+    FAIL["now"] = True
+    try:
+        with pytest.warns(UserWarning, match="failed for \\[40\\] of the 40 draws.*ESS is 0"):
+            check = gaussian_approximation_check(eki, num_draws=40)
+    finally:
+        FAIL["now"] = False
+    assert check.ess_fraction[0] == 0.0 and not check.good
+    assert check.failed[0] == 40
