@@ -180,3 +180,23 @@ def test_options_are_validated():
         uki("iterative", update_freq=-1)
     with pytest.raises(ValueError, match="iterative"):
         uki("tempering", alpha_reg=0.5)
+
+
+def test_psd_sqrt_batched_over_chains_repairs_only_the_failed_factor():
+    """Under vmap (the driver's chains) the square root asks once whether any Cholesky
+    factor failed: a batch with one indefinite covariance gets the eigendecomposition's
+    root for it and the Cholesky factors for the others, as matrix-by-matrix calls do."""
+    from eki_infer.processes.base import psd_sqrt
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 8))
+    covs = a @ jnp.swapaxes(a, -1, -2) / 8.0
+    covs = covs.at[1, 0, 0].set(-1e-3)  # indefinite: its Cholesky factor is NaN
+    batched = np.asarray(jax.jit(jax.vmap(psd_sqrt))(covs))
+    one_by_one = np.stack([np.asarray(jax.jit(psd_sqrt)(c)) for c in covs])
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-12, atol=1e-14)
+    assert np.all(np.isfinite(batched))
+    for k in (0, 2):  # untouched factors are the Cholesky factors
+        np.testing.assert_allclose(batched[k], np.linalg.cholesky(np.asarray(covs[k])), rtol=1e-10)
+    w, v = np.linalg.eigh(np.asarray(covs[1]))
+    clipped = (v * np.clip(w, 0.0, None)) @ v.T
+    np.testing.assert_allclose(batched[1] @ batched[1].T, clipped, atol=1e-12)
