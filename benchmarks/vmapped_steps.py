@@ -1,23 +1,26 @@
-"""One perturbed-EKI step with many more members than data (J ≫ M, d), as the driver
-runs it: jitted and vmapped over chains (one chain here).
+"""Steps as the driver runs them (jitted and vmapped over chains, one chain here), at
+sizes where a cost the update could avoid would dominate.
 
-Two costs grow as J² in that regime unless the update avoids them, and both are timed
-here against the form that has them:
+Under ``vmap`` a per-chain ``lax.cond`` becomes a select that computes both branches,
+and a J × J matrix grows as J². Each row times the shipped form against the one it
+replaced:
 
-- the Kalman increments: the J × J weights ``H = V Yᵀ (I + Δt Y Yᵀ)⁻¹`` with the
-  centring folded in (``centred_weights``) against the push-through form
-  ``V (I_M + Δt YᵀY)⁻¹ (Yᵀ A)`` (``kalman_increments``, used when J > M);
-- the redraw of failed members: under ``vmap`` its skip-when-nothing-failed ``cond``
-  becomes a select, so the redraw runs at every step. Drawing ``ξ A`` with a J × J
-  normal matrix against ``ζ R`` with R from the thin QR of the anomalies
-  (``redraw_failed``).
+1. Perturbed EKI with many more members than data (J ≫ M, d): the Kalman increments
+   from the J × J weights ``H = V Yᵀ (I + Δt Y Yᵀ)⁻¹`` with the centring folded in
+   (``centred_weights``) against the push-through form ``V (I_M + Δt YᵀY)⁻¹ (Yᵀ A)``
+   (``kalman_increments``, used when J > M); and the failed-member redraw, whose
+   skip-when-nothing-failed ``cond`` runs under vmap at every step: ``ξ A`` with a
+   J × J normal matrix against ``ζ R`` with R from the thin QR of the anomalies
+   (``redraw_failed``). d = 3, M = 5, diagonal Γ, no member fails.
+2. UKI's square root of its d × d covariance (``psd_sqrt``): the Cholesky factor with an
+   eigendecomposition as fallback for a failed factor. A per-matrix ``cond`` (which
+   under vmap computes the eigendecomposition every step) against the batching rule
+   that asks once per batch; the bare Cholesky factor for scale.
 
-The "J × J" column times the whole update with both J × J forms, the "current" column
-``eki_perturbed_update`` as shipped. No member fails (the usual case, which pays for the
-redraw anyway under vmap). d = 3, M = 5, diagonal Γ, float64, best of 5 after compiling.
+float64, best of 5 after compiling.
 
-Usage: ``python benchmarks/large_ensembles.py``; writes
-``benchmarks/results/large_ensembles.md`` and ``.json``.
+Usage: ``python benchmarks/vmapped_steps.py``; writes
+``benchmarks/results/vmapped_steps.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ import jax.numpy as jnp
 from eki_infer.noise import DiagonalNoise
 from eki_infer.processes import eki_perturbed_update
 from eki_infer.processes.base import (
+    _eigh_sqrt,
     anomalies,
     centred_weights,
     detect_failures,
     ensemble_weights,
     keep_if_moved,
+    psd_sqrt,
     whiten_outputs,
 )
 
@@ -45,6 +50,7 @@ jax.config.update("jax_enable_x64", True)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (500, 2000, 4000, 8000)
+UKI_DIMS = (100, 300, 600)
 DIM, DATA_DIM, REPEATS = 3, 5, 5
 
 
@@ -76,6 +82,31 @@ def _dense_update(rng_key, u, g, y, noise, dt):
     new = u + centred_weights(ensemble_weights(yanom, dt, scaled), ok, count) @ u
     new = _dense_redraw(k_fail, new, ok)
     return keep_if_moved(dt, new, u)
+
+
+def _select_sqrt(cov):
+    """The square root with a per-matrix cond (the form the batching rule replaced)."""
+    chol = jnp.linalg.cholesky(cov)
+    ok = jnp.all(jnp.isfinite(chol))
+    return jax.lax.cond(ok, lambda _: chol, lambda _: _eigh_sqrt(cov), None)
+
+
+def _uki_rows():
+    rows = []
+    for dim in UKI_DIMS:
+        a = jax.random.normal(jax.random.PRNGKey(4), (dim, 2 * dim))
+        cov = (a @ a.T / (2 * dim))[None]
+        timed = {
+            label: _best_seconds(jax.jit(jax.vmap(fn)), cov)
+            for label, fn in (
+                ("select", _select_sqrt),
+                ("current", psd_sqrt),
+                ("cholesky", jnp.linalg.cholesky),
+            )
+        }
+        rows.append({"dim": dim, **{f"{k}_ms": 1e3 * v for k, v in timed.items()}})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _best_seconds(fn, *args):
@@ -113,6 +144,7 @@ def main():
             }
         )
         print(rows[-1], flush=True)
+    uki_rows = _uki_rows()
     result = {
         "machine": f"{platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s)",
         "python": platform.python_version(),
@@ -120,13 +152,16 @@ def main():
         "dim": DIM,
         "data_dim": DATA_DIM,
         "rows": rows,
+        "uki_sqrt_rows": uki_rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "large_ensembles.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "vmapped_steps.json").write_text(json.dumps(result, indent=2))
     lines = [
-        "# One perturbed-EKI step at J ≫ M, d (vmapped over one chain, as the driver runs it)",
+        "# Steps as the driver runs them (vmapped over one chain)",
         "",
-        f"Generated by `benchmarks/large_ensembles.py`: d = {DIM}, M = {DATA_DIM}, diagonal "
+        "## One perturbed-EKI step at J ≫ M, d",
+        "",
+        f"Generated by `benchmarks/vmapped_steps.py`: d = {DIM}, M = {DATA_DIM}, diagonal "
         f"Γ, float64, no failed member, best of {REPEATS} after compiling; "
         f"{result['machine']}, Python {result['python']}, jax {result['jax']}. "
         "'J × J forms': J × J Kalman weights and a J × J normal matrix in the failed-member "
@@ -143,7 +178,24 @@ def main():
             f"| {row['ensemble_size']} | {row['dense_ms']:.2f} | {row['current_ms']:.2f} | "
             f"{row['dense_ms'] / row['current_ms']:.0f}× | {row['max_abs_difference']:.1e} |"
         )
-    (RESULTS / "large_ensembles.md").write_text("\n".join(lines) + "\n")
+    lines += [
+        "",
+        "## UKI's square root of its d × d covariance",
+        "",
+        "'per-matrix cond': Cholesky with an eigendecomposition fallback chosen per "
+        "matrix (under vmap a select: the eigendecomposition runs every step); "
+        "'current': `psd_sqrt`, whose batching rule asks once per batch; 'Cholesky': the "
+        "bare factor.",
+        "",
+        "| d | per-matrix cond (ms) | current (ms) | Cholesky (ms) |",
+        "|---|---|---|---|",
+    ]
+    for row in uki_rows:
+        lines.append(
+            f"| {row['dim']} | {row['select_ms']:.2f} | {row['current_ms']:.2f} | "
+            f"{row['cholesky_ms']:.2f} |"
+        )
+    (RESULTS / "vmapped_steps.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
