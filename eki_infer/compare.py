@@ -608,6 +608,11 @@ def compare(
     for name, run in {reference_name: ref_run, **runs}.items():
         _check_sites(name, run.samples, ref_run.samples, site_list)
     names, ref_draws = flatten_samples(ref_run.samples, site_list)
+    if ref_draws.shape[0] < 4:
+        raise ValueError(
+            f"the reference {reference_name!r} has {ref_draws.shape[0]} draws; it needs at "
+            "least 4 (its two halves give the comparison's noise floor)."
+        )
     ref_sd = ref_draws.std(axis=0, ddof=1)
     ref_sd = np.where(ref_sd > 0, ref_sd, 1.0)
     ref_mean = ref_draws.mean(axis=0)

@@ -14,10 +14,11 @@ Four structures cover NumPyro's Gaussian likelihoods:
 - :class:`LowRankNoise` — Γ = F Fᵀ + diag(D) (``LowRankMultivariateNormal``), whitened in
   O(M r) through the thin SVD of D^{-1/2} F,
 
-and :class:`BlockNoise` stacks them block-diagonally when a model has several observed
-sites (:func:`block_diagonal` collapses all-diagonal blocks into one
-:class:`DiagonalNoise`). All classes are JAX pytrees, so they pass through ``jit`` and
-``vmap`` as arguments.
+:class:`EventBlocksNoise` holds a plate of dense or low-rank events (one block per
+event, never the whole block-diagonal matrix), and :class:`BlockNoise` stacks them
+block-diagonally when a model has several observed sites (:func:`block_diagonal`
+collapses all-diagonal blocks into one :class:`DiagonalNoise`). All classes are JAX
+pytrees, so they pass through ``jit`` and ``vmap`` as arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "BlockNoise",
     "DenseNoise",
     "DiagonalNoise",
+    "EventBlocksNoise",
     "LowRankNoise",
     "Noise",
     "ScalarNoise",
@@ -274,6 +276,69 @@ class LowRankNoise(Noise):
 
     def __repr__(self):
         return f"LowRankNoise(dim={self.dim}, rank={self.cov_factor.shape[-1]})"
+
+
+@_pytree
+class EventBlocksNoise(Noise):
+    """Γ = diag(Γ_1, ..., Γ_n): n independent events of size k each, every block a
+    :class:`DenseNoise` or :class:`LowRankNoise` with its own parameters (a plate around
+    a ``MultivariateNormal`` or ``LowRankMultivariateNormal`` likelihood).
+
+    ``blocks`` is one noise object whose array leaves carry a leading event axis of
+    length n (built by :meth:`stack`); every method maps the block's own over the events,
+    so the cost is n times one block's, O(n k²) for dense blocks, and no (n k) × (n k)
+    matrix is formed.
+    """
+
+    _fields = ("blocks",)
+    _static = ("num_events", "event_size")
+
+    def __init__(self, blocks, num_events: int, event_size: int):
+        self.blocks = blocks
+        self.num_events = int(num_events)
+        self.event_size = int(event_size)
+
+    @classmethod
+    def stack(cls, build, *params):
+        """``build(*per_event_params)`` vmapped over the events' leading axis."""
+        n, k = params[0].shape[0], params[0].shape[1]
+        return cls(jax.vmap(build)(*(jnp.asarray(p) for p in params)), n, k)
+
+    @property
+    def dim(self) -> int:
+        return self.num_events * self.event_size
+
+    def _map(self, method, r):
+        r = jnp.asarray(r)
+        lead = r.shape[:-1]
+        x = jnp.moveaxis(r.reshape(*lead, self.num_events, self.event_size), -2, 0)
+        out = jax.vmap(lambda block, xi: getattr(block, method)(xi))(self.blocks, x)
+        return jnp.moveaxis(out, 0, -2).reshape(r.shape)
+
+    def whiten(self, r):
+        return self._map("whiten", r)
+
+    def unwhiten(self, e):
+        return self._map("unwhiten", e)
+
+    def solve(self, r):
+        return self._map("solve", r)
+
+    def logdet(self):
+        return jnp.sum(jax.vmap(lambda block: block.logdet())(self.blocks))
+
+    def variances(self):
+        return jax.vmap(lambda block: block.variances())(self.blocks).reshape(-1)
+
+    def to_dense(self):
+        dense = jax.vmap(lambda block: block.to_dense())(self.blocks)
+        return jax.scipy.linalg.block_diag(*dense)
+
+    def __repr__(self):
+        return (
+            f"EventBlocksNoise({self.num_events} events of {self.event_size}, "
+            f"{type(self.blocks).__name__} blocks)"
+        )
 
 
 @_pytree

@@ -293,6 +293,8 @@ def test_mismatched_or_missing_sites_are_named():
     with pytest.raises(ValueError, match=r"'run' has no site 'b'"):
         reference = {"a": rng.normal(size=400), "b": rng.normal(size=400)}
         compare(results={"run": result}, reference=reference, sites=["a", "b"])
+    with pytest.raises(ValueError, match="has 3 draws; it needs at least 4"):
+        compare(results={"run": result}, reference={"a": rng.normal(size=3)})
 
 
 def test_sequential_chains_report_their_summed_wall_time():

@@ -406,3 +406,16 @@ def test_unsupported_prior_raises_naming_site_and_families(fn):
     assert "'omega'" in message and "Supported prior families" in message
     assert "Gamma" in message and "Dirichlet" in message
     assert err.value.site == "omega"
+
+
+def test_float32_beta_quantile_stays_inside_the_unit_interval():
+    """Beta(0.1, 1)'s float32 quantile rounds to 0 for u ≲ −4 (≈ 1.6e-4 of the prior);
+    it is held at the smallest normal number, so log(x) in a model stays finite."""
+    from eki_infer.tracing.priors import beta_quantile
+
+    u = jnp.array([-8.0, -5.0, -4.0, 0.0, 8.0], dtype=jnp.float32)
+    for a, b in ((0.1, 1.0), (1.0, 0.1)):
+        x = beta_quantile(jnp.float32(a), jnp.float32(b), u)
+        assert x.dtype == jnp.float32
+        assert np.all(np.asarray(x) > 0.0) and np.all(np.asarray(x) < 1.0)
+        assert np.all(np.isfinite(np.log(np.asarray(x)))) and np.all(np.diff(np.asarray(x)) >= 0)

@@ -184,6 +184,37 @@ def test_noise_structure():
     }
     for name, cls in expected.items():
         assert type(traced(name).noise) is cls, name
+    # a plate of MVN or low-rank events keeps one block per event
+    assert [type(b).__name__ for b in traced("batched").noise.blocks] == [
+        "EventBlocksNoise",
+        "EventBlocksNoise",
+        "ScalarNoise",
+    ]
+
+
+@pytest.mark.parametrize("family", ["mvn", "low_rank"])
+def test_a_plate_of_events_forms_no_data_sized_matrix(family):
+    """400 events of size 3: Γ is 1200 × 1200, its parts are (400, 3, 3) or smaller."""
+    events = 400
+
+    def model(y=None):
+        s = numpyro.sample("s", dist.Normal(0.0, 1.0))
+        with numpyro.plate("events", events):
+            if family == "mvn":
+                likelihood = dist.MultivariateNormal(s * jnp.ones(3), COV)
+            else:
+                likelihood = dist.LowRankMultivariateNormal(s * jnp.ones(3), FACTOR, DIAG)
+            numpyro.sample("y", likelihood, obs=y)
+
+    y = np.random.default_rng(0).normal(size=(events, 3))
+    problem = trace_model(model, y=y)
+    leaves = jax.tree_util.tree_leaves(problem.noise)
+    assert max(np.size(leaf) for leaf in leaves) <= events * 3 * 3
+    dense = COV if family == "mvn" else FACTOR @ FACTOR.T + np.diag(DIAG)
+    r = np.random.default_rng(1).normal(size=(2, events * 3))
+    per_event = r.reshape(2, events, 3)
+    expected = 0.5 * np.einsum("bni,ij,bnj->b", per_event, np.linalg.inv(dense), per_event)
+    np.testing.assert_allclose(problem.noise.misfit(r), expected, rtol=1e-10)
 
 
 def test_pointwise_log_likelihood_is_per_event_as_numpyro_gives_it():

@@ -267,3 +267,44 @@ def test_python_control_flow_on_a_latent():
         numpyro.sample("y", dist.Normal(loc, 1.0), obs=y)
 
     _raises(model, y=Y, match=("jax.jit-compatible",))
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "fragment"),
+    [
+        (lambda mu: dist.Normal(mu, -0.1 * jnp.ones(3)), "Normal scale are not positive"),
+        (lambda mu: dist.Normal(mu, jnp.zeros(3)), "Normal scale are not positive"),
+        (
+            lambda mu: dist.MultivariateNormal(mu, covariance_matrix=-jnp.eye(3)),
+            "not all finite",
+        ),
+        (
+            lambda mu: dist.LowRankMultivariateNormal(mu, jnp.ones((3, 1)), -jnp.ones(3)),
+            "cov_diag are not positive",
+        ),
+    ],
+)
+def test_noise_that_is_not_a_covariance(likelihood, fragment):
+    """A scale computed in the model is a tracer, which NumPyro does not validate: a
+    negative one would pass as its square, a zero one give an infinite misfit."""
+
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", likelihood(m * jnp.ones(3)), obs=y)
+
+    _raises(model, y=Y, site="y", match=(fragment, "positive definite"))
+
+
+def test_control_flow_message_names_the_scan():
+    from numpyro.contrib.control_flow import scan
+
+    def model(y=None):
+        def step(carry, _):
+            x = numpyro.sample("x", dist.Normal(carry, 1.0))
+            return x, x
+
+        _, xs = scan(step, 0.0, None, length=3)
+        numpyro.sample("y", dist.Normal(xs, 1.0), obs=y)
+
+    message = _raises(model, y=Y, match=("control_flow",))
+    assert "scan" in message

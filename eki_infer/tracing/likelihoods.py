@@ -12,9 +12,10 @@ of
 - ``MultivariateNormal`` (built from ``covariance_matrix``, ``precision_matrix`` or
   ``scale_tril``; NumPyro keeps the Cholesky factor, which is used as is): a
   :class:`~eki_infer.noise.DenseNoise`; with a batch of events (a plate around an MVN)
-  the factor is block diagonal, one block per event;
-- ``LowRankMultivariateNormal``: a :class:`~eki_infer.noise.LowRankNoise`, with a block
-  diagonal factor for a batch of events.
+  an :class:`~eki_infer.noise.EventBlocksNoise`, one factor per event (never the
+  block-diagonal matrix);
+- ``LowRankMultivariateNormal``: a :class:`~eki_infer.noise.LowRankNoise`, and for a
+  batch of events an :class:`~eki_infer.noise.EventBlocksNoise` of them.
 
 The distribution may broadcast against the data (``Normal(mu, 1)`` observed on a vector),
 in which case the site's shape is the data's shape; data that would themselves be
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from eki_infer.noise import DenseNoise, DiagonalNoise, LowRankNoise, ScalarNoise
+from eki_infer.noise import DenseNoise, DiagonalNoise, EventBlocksNoise, LowRankNoise, ScalarNoise
 from eki_infer.tracing.errors import ModelTracingError
 
 __all__ = ["GAUSSIAN_LIKELIHOODS", "GaussianSite", "analyse_observation"]
@@ -111,12 +112,49 @@ class GaussianSite(NamedTuple):
         if self.family == "MultivariateNormal":
             (tril,) = params
             k = self.shape[-1]
-            return DenseNoise(scale_tril=_block_diagonal(tril.reshape(n_events, k, k)))
+            if n_events == 1:
+                return DenseNoise(scale_tril=tril.reshape(k, k))
+            return EventBlocksNoise.stack(
+                lambda t: DenseNoise(scale_tril=t), tril.reshape(n_events, k, k)
+            )
         factor, diag = params
         k, r = factor.shape[-2:]
-        return LowRankNoise(
-            _block_diagonal(factor.reshape(n_events, k, r)), diag.reshape(n_events * k)
+        if n_events == 1:
+            return LowRankNoise(factor.reshape(k, r), diag.reshape(k))
+        return EventBlocksNoise.stack(
+            LowRankNoise, factor.reshape(n_events, k, r), diag.reshape(n_events, k)
         )
+
+    def check_noise(self, name, params):
+        """Raises unless the concrete noise parameters define a proper Γ: finite, a
+        positive ``scale`` (Normal), a Cholesky factor with a positive diagonal
+        (MultivariateNormal), a positive ``cov_diag`` (LowRankMultivariateNormal).
+
+        NumPyro validates these only for concrete arguments; a scale computed inside
+        the model is a tracer there, and a negative one would otherwise pass as its
+        square."""
+        params = [np.asarray(p) for p in params]
+        if not all(np.all(np.isfinite(p)) for p in params):
+            raise ModelTracingError(
+                f"observed site '{name}': its {self.family} noise parameters are not all "
+                "finite (NaN or inf in the scale or covariance; a covariance that is not "
+                "positive definite gives a NaN Cholesky factor).",
+                name,
+            )
+        if self.family == "Normal":
+            values, what = params[0], "scale"
+        elif self.family == "MultivariateNormal":
+            values, what = np.diagonal(params[0], axis1=-2, axis2=-1), "scale_tril diagonal"
+        else:
+            values, what = params[1], "cov_diag"
+        bad = int(np.sum(values <= 0))
+        if bad:
+            raise ModelTracingError(
+                f"observed site '{name}': {bad} entries of its {self.family} {what} are not "
+                f"positive (smallest {float(np.min(values)):.3g}); the noise covariance must "
+                "be positive definite.",
+                name,
+            )
 
     def check_data(self, name, data):
         """Raises for non-finite or non-numeric data."""
@@ -132,16 +170,6 @@ class GaussianSite(NamedTuple):
                 f"data; {_MASK_HINT}.",
                 name,
             )
-
-
-def _block_diagonal(blocks):
-    """(n, k, r) NumPy blocks -> the (n k, n r) block-diagonal matrix."""
-    n, k, r = blocks.shape
-    if n == 1:
-        return blocks[0]
-    out = np.zeros((n, k, n, r), dtype=blocks.dtype)
-    out[np.arange(n), :, np.arange(n), :] = blocks
-    return out.reshape(n * k, n * r)
 
 
 def _base(fn):

@@ -298,7 +298,12 @@ def gamma_log_quantile(concentration, u):
 
 def beta_quantile(concentration1, concentration0, u):
     """The Beta(concentration1, concentration0) quantile at Φ(u), in symmetric form."""
-    return jax.nn.sigmoid(beta_logit_quantile(concentration1, concentration0, u))
+    x = jax.nn.sigmoid(beta_logit_quantile(concentration1, concentration0, u))
+    # the logit's far tails round to exactly 0 or 1 (float32: u ≈ −4 for Beta(0.1, 1)),
+    # where log(x) or log(1 − x) in the model would be infinite; NumPyro's own sampler
+    # stays inside (0, 1) the same way
+    finfo = jnp.finfo(x.dtype)
+    return jnp.clip(x, finfo.tiny, 1.0 - finfo.epsneg)
 
 
 @jax.jit

@@ -171,7 +171,8 @@ class _WhitenedRun(Messenger):
             raise ModelTracingError(
                 "the model uses numpyro.contrib.control_flow (scan/cond) around sample "
                 "sites, which the tracer cannot look into; write the loop in Python, or "
-                "keep jax.lax.scan for the deterministic parts only.",
+                "keep jax.lax.scan for the deterministic parts only"
+                + (f" (scan/cond '{msg['name']}')." if msg.get("name") else "."),
                 msg.get("name"),
             )
         if kind == "plate" and self.strict:
@@ -534,8 +535,9 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
     )
     noise_params, data, probe_signature = _probe(draft)
     ys = []
-    for g, site, x in zip(gaussian, observed_sites, data, strict=True):
+    for g, site, x, params in zip(gaussian, observed_sites, data, noise_params, strict=True):
         g.check_data(site.name, x)
+        g.check_noise(site.name, params)
         ys.append(np.broadcast_to(np.asarray(x, dtype=float), g.shape).reshape(-1))
     dtype = jnp.result_type(float)
     return dataclasses.replace(
