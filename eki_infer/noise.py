@@ -278,8 +278,25 @@ class LowRankNoise(Noise):
         return f"LowRankNoise(dim={self.dim}, rank={self.cov_factor.shape[-1]})"
 
 
+class _BlockwiseNoise(Noise):
+    """A block-diagonal Γ whose ``_map(method, r)`` applies each block's ``method`` to
+    its part of the residual's last axis: whiten, unwhiten and solve are blockwise."""
+
+    def _map(self, method, r):
+        raise NotImplementedError
+
+    def whiten(self, r):
+        return self._map("whiten", r)
+
+    def unwhiten(self, e):
+        return self._map("unwhiten", e)
+
+    def solve(self, r):
+        return self._map("solve", r)
+
+
 @_pytree
-class EventBlocksNoise(Noise):
+class EventBlocksNoise(_BlockwiseNoise):
     """Γ = diag(Γ_1, ..., Γ_n): n independent events of size k each, every block a
     :class:`DenseNoise` or :class:`LowRankNoise` with its own parameters (a plate around
     a ``MultivariateNormal`` or ``LowRankMultivariateNormal`` likelihood).
@@ -315,15 +332,6 @@ class EventBlocksNoise(Noise):
         out = jax.vmap(lambda block, xi: getattr(block, method)(xi))(self.blocks, x)
         return jnp.moveaxis(out, 0, -2).reshape(r.shape)
 
-    def whiten(self, r):
-        return self._map("whiten", r)
-
-    def unwhiten(self, e):
-        return self._map("unwhiten", e)
-
-    def solve(self, r):
-        return self._map("solve", r)
-
     def logdet(self):
         return jnp.sum(jax.vmap(lambda block: block.logdet())(self.blocks))
 
@@ -342,7 +350,7 @@ class EventBlocksNoise(Noise):
 
 
 @_pytree
-class BlockNoise(Noise):
+class BlockNoise(_BlockwiseNoise):
     """Block-diagonal Γ = diag(Γ_1, ..., Γ_K), one block per observed site, in order."""
 
     _fields = ("blocks",)
@@ -365,15 +373,6 @@ class BlockNoise(Noise):
         return jnp.concatenate(
             [getattr(b, method)(p) for b, p in zip(self.blocks, parts, strict=True)], axis=-1
         )
-
-    def whiten(self, r):
-        return self._map("whiten", r)
-
-    def unwhiten(self, e):
-        return self._map("unwhiten", e)
-
-    def solve(self, r):
-        return self._map("solve", r)
 
     def logdet(self):
         return sum(b.logdet() for b in self.blocks)

@@ -262,9 +262,14 @@ def ensemble_weights(y, dt, v):
         s = _eye(j, y.dtype) + dt * (y @ y.T)
         chol = jnp.linalg.cholesky(s)
         return cho_solve((chol, True), y @ v.T).T
-    s = _eye(m, y.dtype) + dt * (y.T @ y)
-    chol = jnp.linalg.cholesky(s)
-    return cho_solve((chol, True), v.T).T @ y.T
+    return _push_through(y, dt, v) @ y.T
+
+
+def _push_through(y, dt, v):
+    """``V (I_M + Δt YᵀY)⁻¹``, shape ``(K, M)``: the M × M side of the Kalman weights."""
+    m = y.shape[1]
+    chol = jnp.linalg.cholesky(_eye(m, y.dtype) + dt * (y.T @ y))
+    return cho_solve((chol, True), v.T).T
 
 
 def centred_weights(h, ok, count):
@@ -292,9 +297,7 @@ def kalman_increments(y, dt, v, u, ok, count):
     if j <= m:
         return centred_weights(ensemble_weights(y, dt, v), ok, count) @ u
     _, a, _ = anomalies(u, ok)
-    s = _eye(m, y.dtype) + dt * (y.T @ y)
-    chol = jnp.linalg.cholesky(s)
-    return cho_solve((chol, True), v.T).T @ (y.T @ a)
+    return _push_through(y, dt, v) @ (y.T @ a)
 
 
 def implicit_solve(x, dt, rhs):
