@@ -40,7 +40,7 @@ from eki_infer.blas_threads import limited_blas_threads
 from eki_infer.checkpoint import Checkpoint, key_fingerprint
 from eki_infer.convert import group, to_arviz
 from eki_infer.executors import active_executor, using_executor
-from eki_infer.keys import chain_keys, check_rng_key, fold_keys
+from eki_infer.keys import RESERVED_KEY_INDEX, chain_keys, check_rng_key, fold_keys
 from eki_infer.model_args import digest_leaves, split_model_args
 from eki_infer.steps import compile_steps
 from eki_infer.tracing import trace_model
@@ -186,7 +186,7 @@ class EKIInference:
                 "ensemble_size", ensemble_size, 2, "(ensemble covariances need two members)"
             )
         if max_iterations is not None:
-            check_count("max_iterations", max_iterations, 1)
+            check_count("max_iterations", max_iterations, 1, maximum=RESERVED_KEY_INDEX - 1)
         if chain_method not in ("vectorized", "sequential"):
             raise ValueError(
                 f"chain_method must be 'vectorized' or 'sequential', got {chain_method!r}."
@@ -537,7 +537,7 @@ class EKIInference:
             if bar is not None:
                 bar.close()
 
-        final_keys = fold_keys(per_chain, 2**30)
+        final_keys = fold_keys(per_chain, RESERVED_KEY_INDEX)
         if self.method == "uki":
             # UKI's posterior is the Gaussian N(m, C): draw from it and evaluate the draws
             # once (for the posterior predictive and the log-likelihood).

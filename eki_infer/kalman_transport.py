@@ -66,23 +66,68 @@ __all__ = [
     "apply_cross_fitted",
     "cross_fitted_maps",
     "kalman_transport_map",
+    "regularised_cholesky",
     "regularised_covariance",
     "transport_log_weights",
 ]
 
 
-def regularised_covariance(cov, jitter: float):
-    """``cov`` symmetrised plus εI, ε = jitter · tr C / d (ε = jitter when C = 0, all
-    particles in one point): positive definite however few distinct particles there are.
-    The one regularisation of SMC's population covariances (proposals and transport
-    alike). ε is relative, so it never dominates a narrow posterior: an absolute floor
-    (1e-10 before) froze every move of a posterior with variances below it in whitened
-    space (e.g. sd 1e-12: every proposal rejected, the log evidence 30 too low)."""
+#: the ridge never falls below this many d·ε_machine (relative to tr C / d): rounding
+#: in forming C = Σ δδᵀ / n and in its Cholesky factorisation is of order d·ε·‖C‖, so a
+#: smaller ridge leaves a near-singular float32 C indefinite (NaN factors; 1e-6 did for
+#: 30 dimensions and 100 particles, whose resampled population has few distinct points)
+ROUNDING_RIDGE = 16.0
+#: times the ridge is multiplied by 10 when a factorisation still fails
+_RIDGE_RETRIES = 8
+
+
+def _ridge(cov, jitter):
+    """The ridge fraction of tr C / d: ``jitter``, at least 16 d ε_machine."""
+    return jnp.maximum(jitter, ROUNDING_RIDGE * cov.shape[0] * jnp.finfo(cov.dtype).eps)
+
+
+def _with_ridge(cov, fraction):
     d = cov.shape[0]
     cov = 0.5 * (cov + cov.T)
     scale = jnp.trace(cov) / d
-    eps = jitter * jnp.where(scale > 0, scale, 1.0)
+    eps = fraction * jnp.where(scale > 0, scale, 1.0)
     return cov + eps * jnp.eye(d, dtype=cov.dtype)
+
+
+def regularised_covariance(cov, jitter: float):
+    """``cov`` symmetrised plus εI, ε = max(jitter, 16 d ε_machine) · tr C / d (ε =
+    jitter when C = 0, all particles in one point): positive definite however few
+    distinct particles there are. The one regularisation of SMC's population
+    covariances (proposals and transport alike). ε is relative, so it never dominates a
+    narrow posterior: an absolute floor (1e-10 before) froze every move of a posterior
+    with variances below it in whitened space (e.g. sd 1e-12: every proposal rejected,
+    the log evidence 30 too low). The floor at rounding level only acts in float32
+    (5e-5 for d = 30 there; 1e-13 in float64, far below the default jitter 1e-6)."""
+    return _with_ridge(cov, _ridge(cov, jitter))
+
+
+def regularised_cholesky(cov, jitter: float):
+    """``(C_reg, L)``: :func:`regularised_covariance` and its Cholesky factor. Where
+    rounding still leaves C_reg indefinite (a NaN factor), the ridge grows tenfold until
+    the factor is finite (at most 8 times), so the moves never draw NaN proposals, which
+    the sampler would count as failures of the forward map. (Under ``vmap`` the retry
+    loop runs until every factor of the batch is finite; each keeps its own ridge.)"""
+    fraction = _ridge(cov, jitter)
+
+    def attempt(k):
+        reg = _with_ridge(cov, fraction * 10.0**k)
+        return reg, jnp.linalg.cholesky(reg)
+
+    def failed(carry):
+        k, _, chol = carry
+        return (k < _RIDGE_RETRIES) & ~jnp.all(jnp.isfinite(chol))
+
+    def retry(carry):
+        k = carry[0] + 1
+        return (k, *attempt(k))
+
+    _, reg, chol = jax.lax.while_loop(failed, retry, (0, *attempt(0)))
+    return reg, chol
 
 
 class TransportMap(NamedTuple):
@@ -107,7 +152,7 @@ def kalman_transport_map(
     mean = w @ u
     anomalies = jnp.where(ok[:, None], u - mean, 0.0) / jnp.sqrt(n)
     eye = jnp.eye(u.shape[1], dtype=u.dtype)
-    cov = regularised_covariance(anomalies.T @ anomalies, jitter)
+    cov, chol = regularised_cholesky(anomalies.T @ anomalies, jitter)
     g = noise.whiten(jnp.where(ok[:, None], outputs - observations, 0.0))
     g_mean = w @ g
     g_anomalies = jnp.where(ok[:, None], g - g_mean, 0.0) / jnp.sqrt(n)
@@ -131,10 +176,8 @@ def kalman_transport_map(
         x = jax.scipy.linalg.cho_solve((chol_s, True), anomalies)  # (I + ΔS)^{-1} U
         shift = delta * x.T @ (g_anomalies @ g_mean)
         reduction = anomalies.T @ anomalies - anomalies.T @ x
-    target_cov = cov - reduction
-    target_cov = 0.5 * (target_cov + target_cov.T)
-    chol = jnp.linalg.cholesky(cov)
-    target_chol = jnp.linalg.cholesky(target_cov)
+    # C' is positive definite in exact arithmetic; the ridge only catches rounding
+    _, target_chol = regularised_cholesky(cov - reduction, 0.0)
     matrix = target_chol @ solve_triangular(chol, eye, lower=True)
     log_det = jnp.sum(jnp.log(jnp.diagonal(target_chol))) - jnp.sum(jnp.log(jnp.diagonal(chol)))
     return TransportMap(mean, mean - shift, matrix, log_det)

@@ -12,7 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["chain_keys", "check_rng_key", "fold_keys"]
+__all__ = ["RESERVED_KEY_INDEX", "chain_keys", "check_rng_key", "fold_keys"]
+
+#: ``fold_in`` indices of a chain key from this one on are not step numbers (the final
+#: draws, the predictive noise), so a run takes fewer steps than this
+RESERVED_KEY_INDEX = 2**30
 
 
 def check_rng_key(rng_key) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from eki_infer.kalman_transport import regularised_cholesky
+
 __all__ = ["split_groups", "two_means"]
 
 
@@ -43,10 +45,8 @@ def two_means(particles, live, min_particles: int, candidates: int = 32, iterati
     mean = jnp.sum(jnp.where(live[:, None], particles, 0.0), 0) / count
     centred = jnp.where(live[:, None], particles - mean, 0.0)
     d = particles.shape[1]
-    cov = centred.T @ centred / count
-    scale = jnp.trace(cov) / d  # relative regularisation (see regularised_covariance)
-    cov = cov + 1e-9 * jnp.where(scale > 0, scale, 1.0) * jnp.eye(d, dtype=cov.dtype)
-    z = jnp.linalg.solve(jnp.linalg.cholesky(cov), centred.T).T
+    _, chol = regularised_cholesky(centred.T @ centred / count, 1e-9)
+    z = jnp.linalg.solve(chol, centred.T).T
     radius = jnp.where(live, jnp.sum(z**2, -1), -jnp.inf)
     starts = jnp.argsort(-radius)[:candidates]
 

@@ -285,10 +285,10 @@ from jax.scipy.special import logsumexp
 from eki_infer.kalman_transport import (
     apply_cross_fitted,
     cross_fitted_maps,
-    regularised_covariance,
+    regularised_cholesky,
     transport_log_weights,
 )
-from eki_infer.keys import chain_keys, fold_keys
+from eki_infer.keys import RESERVED_KEY_INDEX, chain_keys, fold_keys
 from eki_infer.model_args import split_model_args, with_model_args
 from eki_infer.population_groups import split_groups
 from eki_infer.user_warnings import warn
@@ -639,7 +639,7 @@ def transport_and_resample(
 
 
 def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> MoveStats:
-    """Mean, regularised covariance (C + ε I, ε = jitter · tr C / d:
+    """Mean, regularised covariance (C + ε I, ε = max(jitter, 16 d ε_machine) · tr C / d:
     :func:`~eki_infer.kalman_transport.regularised_covariance`), its Cholesky factor and
     inverse factor, and the whitened cross-covariance, over finite particles (1/n).
 
@@ -661,8 +661,7 @@ def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> Mo
     gbar = w @ gw
     dg = jnp.where(ok[:, None], gw - gbar, 0.0)
     d = u.shape[1]
-    cov = regularised_covariance(du.T @ du / n, jitter)
-    chol = jnp.linalg.cholesky(cov)
+    cov, chol = regularised_cholesky(du.T @ du / n, jitter)
     chol_inv = solve_triangular(chol, jnp.eye(d, dtype=u.dtype), lower=True)
     cross = du.T @ dg / n
     start = (u - mean) @ chol_inv.T
@@ -672,7 +671,7 @@ def move_stats(state: SMCState, observations, noise, jitter: float = 1e-6) -> Mo
         size = jnp.maximum(jnp.sum(mask), 1)
         centre = jnp.sum(jnp.where(mask[:, None], u, 0.0), 0) / size
         dev = jnp.where(mask[:, None], u - centre, 0.0)
-        factor = jnp.linalg.cholesky(regularised_covariance(dev.T @ dev / size, jitter))
+        _, factor = regularised_cholesky(dev.T @ dev / size, jitter)
         inverse = solve_triangular(factor, jnp.eye(d, dtype=u.dtype), lower=True)
         return centre, factor, inverse, jnp.log(jnp.sum(mask) / n)
 
@@ -1135,10 +1134,11 @@ def check_options(
     if num_particles is not None:
         counts["num_particles"] = num_particles
     for name, value in counts.items():
-        check_count(names.get(name, name), value)
-    for name in ("chain_length", "min_moves", "max_moves"):
-        check_count(name, o[name])
-    check_count("max_final_moves", o["max_final_moves"], minimum=0)
+        bound = RESERVED_KEY_INDEX - 1 if name == "max_stages" else None
+        check_count(names.get(name, name), value, maximum=bound)
+    for name in ("chain_length", "min_moves", "max_moves"):  # moves 1 ... chain_length − 1
+        check_count(name, o[name], maximum=_HEADS if name == "chain_length" else _HEADS - 1)
+    check_count("max_final_moves", o["max_final_moves"], minimum=0, maximum=_HEADS - 1)
     if num_particles is not None and num_particles < 2:
         raise ValueError(f"{names['num_particles']} must be at least 2, got {num_particles}.")
     if o["schedule"] not in SCHEDULES:
@@ -1532,7 +1532,7 @@ def run_smc(
             _check_move_failures(
                 extension["failed"], np.full(num_chains, extra * num_heads), "t = 1 (extension)"
             )
-            reached = np.asarray(extension["ess"])
+            reached = np.asarray(extension["ess"], dtype=float)
             below = np.nonzero(reached < target)[0]
             if below.size:
                 if extra >= max_final_moves:
@@ -1624,8 +1624,8 @@ def _stack_history(records: dict, num_chains: int) -> SMCHistory:
 # fold_in indices of a stage key that are not move numbers (moves count from 1)
 _HEADS = 2**20
 # fold_in indices of a chain key that are not stage numbers (stages count from 1)
-_FINAL_STAGE = 2**30
-_PREDICTIVE_NOISE = 2**30 + 1
+_FINAL_STAGE = RESERVED_KEY_INDEX
+_PREDICTIVE_NOISE = RESERVED_KEY_INDEX + 1
 
 
 def predictive_noise_draws(noise, rng_key, num_chains: int, num_heads: int, num_draws: int):
@@ -1874,7 +1874,7 @@ def _warn_step_floor(bad, dt, ess, stage) -> None:
     warn(
         f"SMC stage {stage}: the tempering step reached its floor (Δt = "
         f"{np.asarray(dt)[bad].tolist()}) and the weights still collapsed (ESS fractions "
-        f"{np.round(np.asarray(ess)[bad], 4).tolist()}) in chains {bad.tolist()}: the "
+        f"{np.round(np.asarray(ess, dtype=float)[bad], 4).tolist()}) in chains {bad.tolist()}: the "
         "misfits Φ = ½‖Γ^(-1/2)(y − G(u))‖² of the population differ by more than any step "
         "can temper. If later stages stay at the floor, t creeps towards 1 until max_stages "
         "(EKIInference's max_iterations); the data then lie far outside what the prior "

@@ -26,13 +26,20 @@ def _scalar_of(value, kind: str) -> bool:
     return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
 
-def check_count(name: str, value, minimum: int = 1, why: str = "") -> None:
+def check_count(
+    name: str, value, minimum: int = 1, why: str = "", maximum: int | None = None
+) -> None:
     """Raises a ValueError naming ``name`` unless ``value`` is an integer ≥ ``minimum``
-    (Python, NumPy or JAX)."""
+    (Python, NumPy or JAX), and ≤ ``maximum`` where one is given."""
     integer = not isinstance(value, str) and _scalar_of(value, "i")
     if not integer or value < minimum:
         bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {bound}{' ' + why if why else ''}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(
+            f"{name} must be at most {maximum} (random keys are numbered by it, and higher "
+            f"numbers are reserved), got {value!r}."
+        )
 
 
 def check_flag(name: str, value) -> None:

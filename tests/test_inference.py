@@ -192,6 +192,8 @@ def test_progress_bar_shows_iterations(linear_data, capsys):
         ({"num_chains": 2.7}, r"num_chains must be a positive integer, got 2.7"),
         ({"max_iterations": "20"}, r"max_iterations must be a positive integer, got '20'"),
         ({"num_samples": True}, r"num_samples must be a positive integer, got True"),
+        # step numbers index random keys; the numbers from 2**30 on are the final draws
+        ({"max_iterations": 2**30}, r"max_iterations must be at most 1073741823"),
         # method-specific options: checked when the engine is built, refused elsewhere
         ({"eki_variant": "perturbd"}, r"eki_variant must be one of \('perturbed', 'transform'\)"),
         ({"method": "uki", "uki_mode": "tempered"}, r"uki_mode must be one of"),

@@ -200,6 +200,60 @@ def test_moves_do_not_starve_the_cpu_thread_pool():
     assert "finished" in done.stdout
 
 
+def test_float32_factorisations_of_a_resampled_population_stay_finite():
+    """A resampled float32 population has few distinct points; its covariance plus a
+    1e-6 ridge is indefinite after rounding (for this one: a NaN Cholesky factor). The
+    regularisation's floor at rounding level, and its retry, keep the factor finite."""
+    from eki_infer.kalman_transport import regularised_cholesky
+
+    rng = np.random.default_rng(0)
+    distinct = rng.standard_normal((5, 30)) * np.logspace(0, 3, 30)
+    u = jnp.asarray(distinct[rng.integers(0, 5, 100)], dtype=jnp.float32)
+    du = u - u.mean(0)
+    cov = du.T @ du / 100
+    reg, chol = regularised_cholesky(cov, 1e-6)
+    assert chol.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(chol)))
+    np.testing.assert_allclose(chol @ chol.T, reg, rtol=1e-3, atol=1e-4 * float(reg.max()))
+    # the ridge is small beside the covariance's own scale
+    assert float(jnp.trace(reg - cov)) < 1e-2 * float(jnp.trace(cov))
+
+
+def test_float32_smc_with_few_particles_runs():
+    """Regression: in float32 (JAX's default) SMC with 100 particles in 30 dimensions
+    stopped at its second stage with 'every one of the proposals failed': the proposal
+    covariance's Cholesky factor was NaN, not the forward map. It now runs (warning that
+    the population is small for d)."""
+    script = (
+        "import warnings, jax, jax.numpy as jnp, numpy as np\n"
+        "import numpyro, numpyro.distributions as dist\n"
+        "from eki_infer import EKIInference\n"
+        "def model(y=None):\n"
+        "    a = numpyro.sample('a', dist.Normal(0, 1).expand([30]))\n"
+        "    numpyro.sample('y', dist.Normal(a, 1.0), obs=y)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    engine = EKIInference(model, method='smc', ensemble_size=100, num_samples=100,\n"
+        "                          progress_bar=False)\n"
+        "    result = engine.run(jax.random.PRNGKey(0), y=jnp.ones(30))\n"
+        "a = np.asarray(result.posterior['a'])\n"
+        "assert a.dtype == np.float32 and np.all(np.isfinite(a)), a.dtype\n"
+        "assert any('effective sample size fell' in str(w.message) for w in caught)\n"
+        "print('finished')\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "0"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finished" in done.stdout
+
+
 def test_exp_sine_against_quadrature():
     args, y = exp_sine.simulate_data(jax.random.PRNGKey(0))
     problem = trace_model(exp_sine.model, *args, y=y)
@@ -527,6 +581,7 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
         ({"smc_options": {"chain_length": 0}}, r"smc_options: chain_length must be a positive"),
         ({"smc_options": {"chain_length": True}}, r"chain_length must be a positive integer"),
         ({"smc_options": {"max_final_moves": True}}, r"max_final_moves must be an integer >= 0"),
+        ({"smc_options": {"max_moves": 2**20}}, r"max_moves must be at most 1048575"),
         ({"smc_options": {"ess_targt": 0.5}}, r"smc_options: unknown SMC options \['ess_targt'\]"),
         ({"smc_options": {"max_stages": 3}}, r"smc_options\['max_stages'\] .* max_iterations"),
         ({"smc_options": {"final_ess": 0.8}}, r"final_ess is a number of draws"),

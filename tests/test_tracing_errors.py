@@ -171,6 +171,31 @@ def test_improper_prior():
     _raises(model, y=Y, site="m", match=("improper",))
 
 
+@pytest.mark.parametrize(
+    "prior, fragment",
+    [
+        (dist.Normal(0.0, jnp.inf), "Normal with scale = inf"),
+        (dist.Uniform(0.0, jnp.inf), "Uniform with high = inf"),
+        (dist.HalfCauchy(jnp.array([1.0, jnp.inf])), "HalfCauchy with scale = inf"),
+        (dist.LogNormal(0.0, jnp.inf), "Normal in LogNormal with scale = inf"),
+        (dist.Normal(0.0, 1.0).expand([3]).to_event(1), None),
+        (dist.TruncatedNormal(0.0, 1.0, low=-jnp.inf, high=1.0), None),
+    ],
+)
+def test_infinite_prior_parameters(prior, fragment):
+    """NumPyro accepts an infinite scale (it is 'positive'); such a prior is improper, and
+    its transform would give NaN at u = 0. A one-sided truncation bound may be infinite."""
+
+    def model(y=None):
+        m = numpyro.sample("m", prior)
+        numpyro.sample("y", dist.Normal(jnp.sum(m), 1.0), obs=y)
+
+    if fragment is None:
+        trace_model(model, y=Y)
+    else:
+        _raises(model, y=Y, site="m", match=(fragment, "improper prior"))
+
+
 def test_unsupported_prior_lists_families():
     def model(y=None):
         corr = numpyro.sample("corr", dist.LKJCholesky(3, 1.0))

@@ -54,7 +54,7 @@ from eki_infer.model_args import digest_leaves, model_fingerprint, split_model_a
 from eki_infer.noise import Noise, block_diagonal
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
-from eki_infer.tracing.priors import whitened_shape, whitened_transform
+from eki_infer.tracing.priors import check_prior_parameters, whitened_shape, whitened_transform
 from eki_infer.user_warnings import warn
 
 __all__ = [
@@ -215,6 +215,8 @@ class _WhitenedRun(Messenger):
         fn = msg["fn"]
         if sample_shape:
             fn = fn.expand(sample_shape + tuple(fn.batch_shape))
+        if self.strict:
+            check_prior_parameters(fn, name)
         n = math.prod(whitened_shape(fn, name))
         if self.u is None:
             chunk = jnp.zeros((n,), dtype=jnp.result_type(float))
