@@ -34,6 +34,22 @@ def test_exact_gaussian_gets_uniform_weights():
     assert check.good and np.all(check.failed == 0)
 
 
+def test_mean_shift_is_not_rounding_for_a_narrow_posterior():
+    """Noise 1e-12: the posterior sd is ~1e-12 and its mean O(1). Taking E_w[u] − ū from
+    the draws u themselves left rounding of |u| · ε / sd ≈ 2e-3 sd_q (float32 has it at
+    noise 1e-3: 1.5 sd_q); from the deviations u − m it is 8e-5 (the weights' own)."""
+
+    def narrow(y=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        numpyro.sample("y", dist.Normal(MATRIX @ theta, 1e-12).to_event(1), obs=y)
+
+    uki = EKIInference(narrow, "uki", num_chains=2, progress_bar=False)
+    uki.run(jax.random.PRNGKey(0), y=MATRIX @ jnp.array([0.7, -0.4, 1.1]))
+    check = gaussian_approximation_check(uki, num_draws=500)
+    np.testing.assert_allclose(check.ess_fraction, 1.0, atol=1e-6)
+    assert np.all(check.mean_shift < 5e-4), check.mean_shift
+
+
 def test_ensemble_without_a_density_is_refused():
     eki = EKIInference(linear_model, "eki", ensemble_size=3, progress_bar=False)
     with pytest.warns(UserWarning, match="rank-deficient"):

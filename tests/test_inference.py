@@ -171,6 +171,21 @@ def test_eks_and_transform_eki_run(linear_data):
         assert theta.shape == (30, 2) and np.isfinite(theta).all()
 
 
+def test_a_short_eks_run_warns_that_it_has_not_relaxed(linear_data):
+    """30 EKS iterations reach T ≈ 0.5 here: the ensemble is still mostly its prior draw.
+    The default 200 reach T > 2 (5.7 on the linear reference model), and do not warn."""
+    X, y = linear_data
+    short = EKIInference(
+        linear_model, "eks", ensemble_size=30, progress_bar=False, max_iterations=30
+    )
+    with pytest.warns(UserWarning, match=r"EKS reached time T = \[0\.\d+\] \(chains \[0\]\)"):
+        short.run(jax.random.PRNGKey(5), X, y=y)
+    full = EKIInference(linear_model, "eks", ensemble_size=30, progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="EKS reached time")
+        full.run(jax.random.PRNGKey(5), X, y=y)
+
+
 def test_progress_bar_shows_iterations(linear_data, capsys):
     X, y = linear_data
     engine = EKIInference(linear_model, "eki", ensemble_size=20, progress_bar=True)

@@ -320,6 +320,28 @@ def test_noise_that_is_not_a_covariance(likelihood, fragment):
     _raises(model, y=Y, site="y", match=(fragment, "positive definite"))
 
 
+@pytest.mark.parametrize(
+    ("likelihood", "fragment"),
+    [
+        (lambda mu: dist.Normal(mu, 1e-160), "smallest scale 1e-160"),
+        (lambda mu: dist.Normal(mu, jnp.array([1.0, 1.0, 1e160])), "largest scale 1e+160"),
+        (
+            lambda mu: dist.LowRankMultivariateNormal(mu, jnp.ones((3, 1)), jnp.full(3, 1e-310)),
+            "smallest cov_diag 1e-310",
+        ),
+    ],
+)
+def test_noise_outside_the_float_range(likelihood, fragment):
+    """A scale whose square leaves the normal range of the working float type (float64
+    here; in float32 a scale of 1e-20 already does) would make every misfit infinite."""
+
+    def model(y=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", likelihood(m * jnp.ones(3)), obs=y)
+
+    _raises(model, y=Y, site="y", match=(fragment, "normal range of float64", "Rescale"))
+
+
 def test_control_flow_message_names_the_scan():
     from numpyro.contrib.control_flow import scan
 

@@ -155,6 +155,34 @@ class GaussianSite(NamedTuple):
                 "be positive definite.",
                 name,
             )
+        self._check_representable(
+            name, values, what, squared=self.family != "LowRankMultivariateNormal"
+        )
+
+    def _check_representable(self, name, values, what, squared):
+        """Raises where Γ's entries (``values`` squared for a scale, as they are for a
+        variance) leave the normal range of the working float type: in float32 a scale
+        below 1.1e-19 squares to a subnormal or 0, the whitening divides by it and every
+        misfit is infinite (the schedulers then fail with no usable step)."""
+        dtype = jnp.result_type(float)
+        info = np.finfo(dtype)
+        variance = np.asarray(values, dtype=np.float64) ** (2 if squared else 1)
+        low, high = float(np.min(variance)), float(np.max(variance))
+        if low >= info.tiny and high <= info.max:
+            return
+        side = (
+            f"smallest {what} {float(np.min(values)):.3g}"
+            if low < info.tiny
+            else f"largest {what} {float(np.max(values)):.3g}"
+        )
+        raise ModelTracingError(
+            f"observed site '{name}': the noise variance of its {self.family} ({side}) is "
+            f"outside the normal range of {np.dtype(dtype).name} ({info.tiny:.2g} to "
+            f"{info.max:.2g}), so Γ cannot be represented. Rescale the data and the model's "
+            "output (measure them in other units), or enable float64 "
+            "(jax.config.update('jax_enable_x64', True)).",
+            name,
+        )
 
     def check_data(self, name, data):
         """Raises for non-finite or non-numeric data."""
