@@ -489,3 +489,15 @@ def test_float32_quantiles_at_large_shapes_match_float64(prior):
     spacing = np.spacing(np.abs(np.asarray(x32))).astype(float)
     error = (np.abs(np.asarray(x32, dtype=float) - np.asarray(x64)) - spacing) / scale
     assert error.max() < 1e-3, error.max()
+
+
+def test_float32_half_normal_far_upper_tail_stays_finite():
+    """Φ(−u) / 2 underflows float32 beyond u ≈ 12.9; the quantile there comes from Newton
+    steps on log Φ, not ndtri(0) (which gave 3.4e38)."""
+    u = np.array([5.0, 12.0, 12.9, 13.5, 20.0])
+    x = whitened_transform(
+        dist.HalfNormal(jnp.float32(2.0)).expand([5]), jnp.asarray(u, jnp.float32)
+    )
+    assert x.dtype == jnp.float32
+    exact = -2.0 * sc.ndtri(np.exp(sc.log_ndtr(-u) - np.log(2.0)))
+    np.testing.assert_allclose(np.asarray(x, dtype=float), exact, rtol=1e-6)

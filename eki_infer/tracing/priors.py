@@ -30,8 +30,9 @@ one site with distribution ``fn``:
   (:mod:`~eki_infer.tracing.large_parameter_quantiles`), and log B(a, b) comes from
   ``betaln``, which keeps Beta(1e5, 1) to 0.008 prior sd (0.08 before).
   NumPyro's own ``icdf`` applied to Φ(u) (clipped so it stays finite; the right tail
-  saturates at u ≈ 8.3 in float64): AsymmetricLaplace, AsymmetricLaplaceQuantile,
-  SoftLaplace, Dagum, the truncated distributions (``TruncatedNormal``, ...,
+  saturates at u ≈ 8.3 in float64 and 5.3 in float32, beyond which lies 6e-8 of the
+  prior): AsymmetricLaplace, AsymmetricLaplaceQuantile, SoftLaplace, Dagum, the
+  truncated distributions (``TruncatedNormal``, ...,
   Left/Right/TwoSidedTruncatedDistribution), LowerTruncatedPowerLaw,
   DoublyTruncatedPowerLaw.
 - ``Dirichlet`` (K categories): K whitened coordinates, each mapped onto an independent
@@ -430,8 +431,18 @@ def _random_walk(d, u):
 
 
 def _half_normal(d, u):
-    upper, p, _ = _tails(u)
-    return d.scale * _side(upper, math.sqrt(2.0) * jsp.erfinv(p), -jsp.ndtri(0.5 * p))
+    upper, p, logp = _tails(u)
+    # upper tail: Φ(−x) = p / 2; where p / 2 is below the normal range (float32: u > 12.9,
+    # where ndtri(p / 2) would be infinite) solve log Φ(−x) = log p − log 2 from x = |u|
+    # with Newton steps (d/dx log Φ(−x) = −φ(x)/Φ(−x))
+    far = 0.5 * p <= 64.0 * jnp.finfo(p.dtype).tiny
+    x = jnp.abs(u)
+    for _ in range(3):
+        log_tail = _log_ndtr(-x)
+        mills = jnp.exp(-0.5 * x * x - 0.5 * math.log(2.0 * math.pi) - log_tail)
+        x = x + (log_tail - (logp - math.log(2.0))) / mills
+    upper_value = jnp.where(far, x, -jsp.ndtri(jnp.maximum(0.5 * p, jnp.finfo(p.dtype).tiny)))
+    return d.scale * _side(upper, math.sqrt(2.0) * jsp.erfinv(p), upper_value)
 
 
 def _cauchy(d, u):
