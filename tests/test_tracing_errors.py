@@ -1,5 +1,7 @@
 """Models trace_model cannot serve: each raises ModelTracingError naming the site."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,6 +233,32 @@ def test_one_of_two_data_sets_not_passed_warns():
     with pytest.warns(UserWarning, match="'y2'.*If it is data, pass it"):
         problem = trace_model(model, y1=Y)
     assert [s.name for s in problem.latent_sites] == ["m", "y2"]
+
+
+def test_float32_resolution_warning_names_the_coarse_site():
+    """The tests run in float64, where the check is silent; asked about float32, it warns
+    for the site whose noise sd (1e-6 against data up to 3: ~3 roundings) float32 barely
+    resolves, and not for the other (sd 0.1: 8e5 roundings)."""
+    from eki_infer.tracing.problem import _warn_about_float32_resolution
+
+    def model(y1=None, y2=None):
+        m = numpyro.sample("m", dist.Normal(0.0, 1.0))
+        numpyro.sample("y1", dist.Normal(1.0 + m, 1e-6).expand([3]), obs=y1)
+        numpyro.sample("y2", dist.Normal(1.0 + m, 0.1).expand([3]), obs=y2)
+
+    problem = trace_model(model, y1=Y, y2=Y)  # float64: no warning
+    args = (
+        problem.observed_sites,
+        np.asarray(problem.observations),
+        problem.probe_signature.outputs,
+        problem.noise,
+    )
+    with pytest.warns(UserWarning, match=r"observed site\(s\) 'y1' \(\d\.\d+ roundings\)") as w:
+        _warn_about_float32_resolution(*args, jnp.float32)
+    assert "'y2'" not in str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_about_float32_resolution(*args, jnp.float64)
 
 
 def test_no_latent_site():

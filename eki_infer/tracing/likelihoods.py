@@ -166,7 +166,8 @@ class GaussianSite(NamedTuple):
         misfit is infinite (the schedulers then fail with no usable step)."""
         dtype = jnp.result_type(float)
         info = np.finfo(dtype)
-        variance = np.asarray(values, dtype=np.float64) ** (2 if squared else 1)
+        with np.errstate(over="ignore", under="ignore"):  # inf / 0 are the answer here
+            variance = np.asarray(values, dtype=np.float64) ** (2 if squared else 1)
         low, high = float(np.min(variance)), float(np.max(variance))
         if low >= info.tiny and high <= info.max:
             return
