@@ -170,6 +170,21 @@ def test_eight_schools_against_long_nuts():
         assert np.all(np.abs(ratio - 1) < 0.1), (name, ratio)
 
 
+def _run_script_that_finishes(script: str, **env):
+    """Runs ``script`` in a fresh Python (CPU only, ``env`` added to the environment)
+    from the repository root; it must exit 0 and print 'finished'."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finished" in done.stdout
+
+
 def test_moves_do_not_starve_the_cpu_thread_pool():
     """Regression: with chain-batched triangular solves inside the move, jaxlib 0.10's CPU
     backend deadlocked on this run (every time with OPENBLAS_NUM_THREADS=1 on 2 cores):
@@ -186,18 +201,7 @@ def test_moves_do_not_starve_the_cpu_thread_pool():
         "run_smc(problem, jax.random.PRNGKey(3), 1000, 4)\n"
         "print('finished')\n"
     )
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "finished" in done.stdout
+    _run_script_that_finishes(script, OPENBLAS_NUM_THREADS="1")
 
 
 def test_float32_factorisations_of_a_resampled_population_stay_finite():
@@ -240,18 +244,7 @@ def test_float32_smc_with_few_particles_runs():
         "assert any('effective sample size fell' in str(w.message) for w in caught)\n"
         "print('finished')\n"
     )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "0"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "finished" in done.stdout
+    _run_script_that_finishes(script, JAX_ENABLE_X64="0")
 
 
 def test_exp_sine_against_quadrature():

@@ -554,8 +554,9 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
 
 
 #: the noise sd must exceed this many roundings of the outputs (float32: the forward
-#: map's values carry relative error ε = 1.2e-7): with noise sd = 10 roundings (1e-6 on
-#: outputs of order 1) float32 transform EKI was 0.1 sd and 8 % off, at 1000 (1e-4) 0.002
+#: map's values carry relative error ε = 1.2e-7): with noise sd 1e-6 on outputs of order
+#: 1 (a few roundings) float32 transform EKI was 0.15 sd off, with 1e-4 (~10³) 0.001 sd
+#: (``benchmarks/float32_precision.py``)
 FLOAT32_MIN_NOISE_ROUNDINGS = 100.0
 
 
@@ -583,7 +584,7 @@ def _warn_about_float32_resolution(observed_sites, y, outputs, noise, dtype) -> 
             f"in float32 the noise sd of observed site(s) {which} is within "
             f"{FLOAT32_MIN_NOISE_ROUNDINGS:g} roundings (ε = {eps:.2g} times the data's or "
             "the outputs' size) of the values it is compared with, so misfits and Kalman "
-            "updates lose accuracy (at 10 roundings transform EKI was 0.1 sd off). Enable "
+            "updates lose accuracy (at a few roundings transform EKI was 0.15 sd off). Enable "
             "float64 (jax.config.update('jax_enable_x64', True)) or rescale the outputs "
             "(subtract a reference value).",
             UserWarning,
