@@ -74,6 +74,17 @@ FAMILIES = [
         dist.TruncatedNormal(1.0, 2.0, low=-1.0, high=2.0),
         st.truncnorm(-1.0, 0.5, loc=1.0, scale=2.0),
     ),
+    # NumPyro's StudentT icdf needs tensorflow_probability; truncations use our quantile
+    (
+        "TruncatedStudentT-left",
+        dist.TruncatedDistribution(dist.StudentT(3.0, 0.5, 2.0), low=0.0),
+        None,
+    ),
+    (
+        "TruncatedStudentT-two-sided",
+        dist.TruncatedDistribution(dist.StudentT(1.5, 0.0, 1.0), low=-1.0, high=4.0),
+        None,
+    ),
     ("AsymmetricLaplace", dist.AsymmetricLaplace(0.5, 2.0, 1.5), None),
     ("SoftLaplace", dist.SoftLaplace(1.0, 2.0), None),
     (
@@ -113,6 +124,20 @@ def test_family(name, fn, reference):
             GRID <= 0, reference.ppf(st.norm.cdf(GRID)), reference.isf(st.norm.sf(GRID))
         )
         np.testing.assert_allclose(grid_values, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, None), (None, 1.0), (-1.0, 2.0), (3.0, None)])
+def test_truncated_studentt_quantiles(low, high):
+    """ppf(F(low) + Φ(u) (F(high) − F(low))) of the base StudentT, against scipy (|u| ≤ 4,
+    where scipy's ppf is accurate)."""
+    bounds = {k: v for k, v in (("low", low), ("high", high)) if v is not None}
+    u = np.linspace(-4.0, 4.0, 17)
+    fn = dist.TruncatedDistribution(dist.StudentT(3.0, 0.5, 2.0), **bounds)
+    values = np.asarray(whitened_transform(fn.expand(u.shape), u))
+    base = st.t(3.0, 0.5, 2.0)
+    lo = 0.0 if low is None else base.cdf(low)
+    hi = 1.0 if high is None else base.cdf(high)
+    np.testing.assert_allclose(values, base.ppf(lo + st.norm.cdf(u) * (hi - lo)), rtol=1e-8)
 
 
 def test_kumaraswamy_exact_quantiles():

@@ -383,3 +383,95 @@ def test_control_flow_message_names_the_scan():
 
     message = _raises(model, y=Y, match=("control_flow",))
     assert "scan" in message
+
+
+def test_observed_value_computed_from_a_latent():
+    """A residual-form likelihood (obs=y − a x) is valid NumPyro, but the ensemble methods
+    need fixed data: it was read as data at one probe point (a's posterior = its prior)."""
+    x = jnp.linspace(0.0, 1.0, 3)
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 3.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 3.0))
+        numpyro.sample("r", dist.Normal(b, 0.1).expand([3]), obs=y - a * x)
+
+    _raises(model, y=Y, site="r", match=("observed value (obs)", "('a')", "mean"))
+
+
+def test_observed_value_computed_from_a_latent_away_from_the_probe_points():
+    """The same value at every probe point, computed from a latent all the same: caught by
+    the structural walk over the model's jaxpr."""
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        shift = jnp.where(a > 50.0, 1.0, 0.0)
+        numpyro.sample("y", dist.Normal(a, 0.1).expand([3]), obs=y + shift)
+
+    _raises(model, y=Y, site="y", match=("observed value (obs)", "('a')"))
+
+
+@pytest.mark.parametrize("kind", ["sample", "deterministic", "observed"])
+def test_two_sites_of_one_name(kind):
+    """NumPyro's own trace refuses repeated names; the output maps sites by name, so one
+    would silently replace the other."""
+
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        if kind == "sample":
+            a = a + numpyro.sample("a", dist.Normal(0.0, 1.0))
+        elif kind == "deterministic":
+            numpyro.deterministic("a", 2.0 * a)
+        else:  # the same data set observed twice under one name
+            numpyro.sample("y", dist.Normal(a, 1.0).expand([3]), obs=y)
+        numpyro.sample("y", dist.Normal(a, 1.0).expand([3]), obs=y)
+
+    name = "y" if kind == "observed" else "a"
+    _raises(model, y=Y, site=name, match=(f"two sites are named '{name}'", f"f'{name}_{{i}}'"))
+
+
+def test_empty_sites():
+    def no_data(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, 1.0).expand([0]), obs=y)
+
+    _raises(no_data, y=np.zeros(0), site="y", match=("no data", "(0,)"))
+
+    def nothing_to_infer(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0).expand([0]))
+        numpyro.sample("y", dist.Normal(jnp.sum(a), 1.0).expand([3]), obs=y)
+
+    _raises(nothing_to_infer, y=Y, match=("hold no elements", "'a' (0,)"))
+
+
+def test_non_numeric_data_is_refused_before_compiling():
+    def model(y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(a, 1.0).expand([3]), obs=y)
+
+    _raises(model, y=np.array(["1", "2", "3"]), site="y", match=("non-numeric data",))
+
+
+@pytest.mark.parametrize(
+    ("prior", "fragment"),
+    [
+        (dist.Uniform(1.0, 0.0), "lower bound 1.0 not below its upper bound 0.0"),
+        (dist.TruncatedNormal(0.0, 1.0, low=2.0, high=1.0), "not below its upper bound"),
+    ],
+)
+def test_prior_on_an_empty_interval(prior, fragment):
+    def model(y=None):
+        m = numpyro.sample("m", prior)
+        numpyro.sample("y", dist.Normal(m, 1.0).expand([3]), obs=y)
+
+    _raises(model, y=Y, site="m", match=(fragment,))
+
+
+def test_prior_parameters_out_of_range_everywhere():
+    """Built with jnp inside the model, the parameters are traced values at trace time;
+    the probe finds them out of range at every point (every member would fail)."""
+
+    def model(y=None):
+        s = numpyro.sample("s", dist.Gamma(jnp.array([1.0, -2.0]), 1.0, validate_args=False))
+        numpyro.sample("y", dist.Normal(jnp.sum(s), 1.0).expand([3]), obs=y)
+
+    _raises(model, y=Y, site="s", match=("Gamma's concentration must be finite", "every point"))

@@ -50,7 +50,10 @@ one site with distribution ``fn``:
 
 All univariate maps are monotone increasing in u (bijections; a decreasing transform such
 as InverseGamma = 1/Gamma is fed −u), so a unimodal posterior in constrained space stays
-unimodal in u-space, which is what the Kalman updates need.
+unimodal in u-space, which is what the Kalman updates need. The exception is a
+non-bijective transform, ``FoldedDistribution``'s x ↦ |x|: the value |base(u)| is exact
+but not monotone, so a posterior with mass near 0 has two mirror images in u-space (for
+a folded Normal centred at 0, use HalfNormal, which is monotone).
 Values are clamped to the finite floating-point range where the exact quantile is not
 representable (e.g. Gamma with concentration 0.01 at u = −10).
 
@@ -88,6 +91,7 @@ __all__ = [
     "beta_quantile",
     "check_prior_parameters",
     "gamma_log_quantile",
+    "prior_parameter_checks",
     "studentt_quantile",
     "whitened_shape",
     "whitened_transform",
@@ -540,6 +544,25 @@ def _by_icdf(d, u):
     return _clip_finite(d.icdf(q))
 
 
+class _StudentTByQuantile(dist.StudentT):
+    """StudentT whose icdf is :func:`studentt_quantile` (NumPyro's needs
+    tensorflow_probability's betaincinv), for truncated StudentT priors."""
+
+    def icdf(self, q):
+        return self.loc + self.scale * studentt_quantile(self.df, jsp.ndtri(q))
+
+
+def _truncated(d, u):
+    """A truncated prior through NumPyro's icdf (which maps the base's cdf range onto
+    the truncation), with a StudentT base given its quantile from this module."""
+    base = d.base_dist
+    if type(base) is dist.StudentT:
+        base = _StudentTByQuantile(base.df, base.loc, base.scale)
+        bounds = {k: getattr(d, k) for k in ("low", "high") if hasattr(d, k)}
+        d = type(d)(base, **bounds)
+    return _by_icdf(d, u)
+
+
 def _families():
     table = [
         ("Normal", _normal),
@@ -566,9 +589,9 @@ def _families():
         ("AsymmetricLaplaceQuantile", _by_icdf),
         ("SoftLaplace", _by_icdf),
         ("Dagum", _by_icdf),
-        ("LeftTruncatedDistribution", _by_icdf),
-        ("RightTruncatedDistribution", _by_icdf),
-        ("TwoSidedTruncatedDistribution", _by_icdf),
+        ("LeftTruncatedDistribution", _truncated),
+        ("RightTruncatedDistribution", _truncated),
+        ("TwoSidedTruncatedDistribution", _truncated),
         ("LowerTruncatedPowerLaw", _by_icdf),
         ("DoublyTruncatedPowerLaw", _by_icdf),
     ]
@@ -643,36 +666,138 @@ _TRUNCATIONS = (
 )
 
 
-def check_prior_parameters(fn, site=None) -> None:
-    """Refuses a prior whose parameters, where they are known when the model is traced
-    (constants, not functions of other latents), are NaN or infinite, naming the site and
-    the parameter: Normal(0, inf) or Uniform(0, inf) is an improper prior, and its
-    whitened transform would give NaN or the edge of the floating-point range. A
-    truncation bound may be infinite."""
+def _parameter_leaves(fn):
+    """The distributions whose parameters define ``fn``: its family under .expand,
+    .to_event and transforms, and a truncation's base."""
     leaf = fn
     while isinstance(
         leaf, dist.ExpandedDistribution | dist.Independent | dist.TransformedDistribution
     ):
         leaf = leaf.base_dist
-    for name in getattr(leaf, "arg_constraints", {}):
+    yield leaf
+    if isinstance(leaf, _TRUNCATIONS):
+        yield leaf.base_dist
+
+
+def _parameters(leaf, matrices: bool = True):
+    """(name, value, constraint) of each parameter ``leaf`` holds; with ``matrices=False``
+    without those constrained as matrices (not even computing a lazy one, such as a
+    MultivariateNormal's precision matrix). A 'dependent' constraint (Uniform's bounds:
+    see :func:`_support_bounds`) has nothing to check on its own."""
+    for name, constraint in getattr(leaf, "arg_constraints", {}).items():
+        if not matrices and getattr(constraint, "event_dim", 0) >= 2:
+            continue
         value = getattr(leaf, name, None)
-        if value is None or isinstance(value, jax.core.Tracer):
+        if value is not None:
+            yield name, value, constraint
+
+
+def _support_bounds(leaf):
+    """(lower, upper) of a support that is an interval between two parameters (Uniform,
+    a two-sided truncation), else None: such a prior exists only where lower < upper."""
+    lower = getattr(leaf.support, "lower_bound", None)
+    upper = getattr(leaf.support, "upper_bound", None)
+    if lower is None or upper is None:
+        return None
+    return lower, upper
+
+
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def check_prior_parameters(fn, site=None) -> None:
+    """Refuses a prior whose parameters, where they are known when the model is traced
+    (constants, not functions of other latents), are NaN or infinite, or outside their
+    constraints (a negative scale, Uniform(1, 0)), naming the site and the parameter:
+    Normal(0, inf) or Uniform(0, inf) is an improper prior, and its whitened transform
+    would give NaN or the edge of the floating-point range. A truncation bound may be
+    infinite. Parameters computed from other latents are checked member by member when
+    the model runs (:func:`prior_parameter_checks`)."""
+
+    def refuse(leaf, what, why):
+        family = _family_name(leaf) + ("" if leaf is fn else f" in {_family_name(fn)}")
+        raise ModelTracingError(
+            f"{_site(site)} has prior {family} with {what}: {why} Give it parameters "
+            "inside their ranges, e.g. a wide Normal or Uniform.",
+            site,
+        )
+
+    for leaf in _parameter_leaves(fn):
+        for name, value, constraint in _parameters(leaf):
+            if _is_traced(value):
+                continue
+            value = np.asarray(value)
+            infinite_allowed = isinstance(leaf, _TRUNCATIONS) and name in ("low", "high")
+            if np.issubdtype(value.dtype, np.floating):
+                bad = np.isnan(value) if infinite_allowed else ~np.isfinite(value)
+                if bad.any():
+                    refuse(
+                        leaf,
+                        f"{name} = {value[bad].ravel()[0]}",
+                        "a prior must be a proper distribution with finite parameters (an "
+                        "infinite scale or bound is an improper prior, which the ensemble "
+                        "cannot be drawn from).",
+                    )
+            if infinite_allowed or dist.constraints.is_dependent(constraint):
+                continue
+            with jax.ensure_compile_time_eval():  # concrete, also inside make_jaxpr
+                inside = np.asarray(constraint.check(jnp.asarray(value)))
+            if not inside.all():
+                # the first element outside (where the check is elementwise), else all
+                shown = (
+                    value.ravel()[np.argmin(inside.ravel())]
+                    if inside.shape == value.shape
+                    else value
+                )
+                refuse(leaf, f"{name} = {shown}", f"{name} must satisfy {constraint}.")
+        bounds = _support_bounds(leaf)
+        if bounds is None or any(_is_traced(b) for b in bounds):
             continue
-        value = np.asarray(value)
-        if not np.issubdtype(value.dtype, np.floating):
-            continue
-        infinite_allowed = isinstance(leaf, _TRUNCATIONS) and name in ("low", "high")
-        bad = np.isnan(value) if infinite_allowed else ~np.isfinite(value)
-        if bad.any():
-            shown = value[bad].ravel()[0]
-            family = _family_name(leaf) + ("" if leaf is fn else f" in {_family_name(fn)}")
-            raise ModelTracingError(
-                f"{_site(site)} has prior {family} with {name} = {shown}: a prior must be a "
-                "proper distribution with finite parameters (an infinite scale or bound "
-                "is an improper prior, which the ensemble cannot be drawn from). Give it "
-                "finite parameters, e.g. a wide Normal or Uniform.",
-                site,
+        lower, upper = (np.asarray(b) for b in bounds)
+        if not np.all(lower < upper):
+            refuse(
+                leaf,
+                f"lower bound {lower.ravel()[0]} not below its upper bound {upper.ravel()[0]}",
+                "the interval it is defined on is empty.",
             )
+
+
+def prior_parameter_checks(fn) -> list[tuple[str, jax.Array]]:
+    """``(what, ok)`` for each parameter of ``fn`` computed when the model runs (from other
+    latents, from traced model arguments, or a jnp constant the model builds), ``ok`` a
+    scalar bool array: the parameter is finite (a truncation bound may be infinite) and
+    inside its constraint, and an interval support's bounds are ordered. Empty where
+    every parameter is a Python or NumPy constant (:func:`check_prior_parameters` has
+    checked those at trace time).
+
+    A hierarchical prior such as th ~ Uniform(lo, 1) or HalfNormal(s), with lo and s drawn
+    from priors that reach past 1 or below 0, is undefined for some ensemble members;
+    NumPyro gives such a member a NaN log density, so NUTS never goes there. The tracer
+    makes those members fail instead (their values and forward outputs become NaN), so
+    the ensemble methods redraw or reject them rather than using a value outside the
+    prior's support; a check that fails at every point the tracer probes is an error
+    naming the site. Matrix constraints (a covariance being positive definite) are left
+    to the transform's Cholesky factor, which is NaN where they fail."""
+    checks = []
+    for leaf in _parameter_leaves(fn):
+        family = _family_name(leaf) + ("" if leaf is fn else f" in {_family_name(fn)}")
+        for name, value, constraint in _parameters(leaf, matrices=False):
+            if not _is_traced(value):
+                continue
+            ok = jnp.all(~jnp.isnan(value))
+            if not (isinstance(leaf, _TRUNCATIONS) and name in ("low", "high")):
+                ok = jnp.all(jnp.isfinite(value))
+                if not dist.constraints.is_dependent(constraint):
+                    ok = ok & jnp.all(constraint.check(value))
+            checks.append((f"{family}'s {name} must be finite and satisfy {constraint}", ok))
+        bounds = _support_bounds(leaf)
+        if bounds is not None and any(_is_traced(b) for b in bounds):
+            lower, upper = (jnp.asarray(b) for b in bounds)
+            checks.append(
+                (f"{family}'s lower bound must be below its upper", jnp.all(lower < upper))
+            )
+    return checks
 
 
 def _walk_shape(fn, shape, site, top):

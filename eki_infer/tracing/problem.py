@@ -39,6 +39,7 @@ clear rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -54,7 +55,12 @@ from eki_infer.model_args import digest_leaves, model_fingerprint, split_model_a
 from eki_infer.noise import Noise, block_diagonal
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.likelihoods import GaussianSite, analyse_observation
-from eki_infer.tracing.priors import check_prior_parameters, whitened_shape, whitened_transform
+from eki_infer.tracing.priors import (
+    check_prior_parameters,
+    prior_parameter_checks,
+    whitened_shape,
+    whitened_transform,
+)
 from eki_infer.user_warnings import warn
 
 __all__ = [
@@ -161,9 +167,29 @@ class _WhitenedRun(Messenger):
         self.observed: list[_Record] = []
         self.deterministic: list[_Record] = []
         self.params: list[str] = []
+        self.names: set[str] = set()
+        # (site, what, ok) of the prior parameters computed as the model runs
+        # (priors.prior_parameter_checks); where one fails the member's values and
+        # outputs become NaN
+        self.parameter_checks: list[tuple[str, str, jax.Array]] = []
+        self.invalid = jnp.zeros((), bool)
+
+    def _claim(self, name, kind):
+        """Refuses (at trace time) a second site of the same name, as NumPyro's own trace
+        does: the output maps sites by name, so one would silently replace the other."""
+        if self.strict and name in self.names:
+            raise ModelTracingError(
+                f"two sites are named '{name}' (the second a {kind} site): every sample, "
+                "deterministic and param site needs its own name. In a Python loop, "
+                f"name them by index (f'{name}_{{i}}') or use a numpyro.plate.",
+                name,
+            )
+        self.names.add(name)
 
     def process_message(self, msg):
         kind = msg["type"]
+        if kind in ("sample", "param"):
+            self._claim(msg["name"], kind)
         if kind == "param":
             self.params.append(msg["name"])
             return
@@ -220,7 +246,7 @@ class _WhitenedRun(Messenger):
         n = math.prod(whitened_shape(fn, name))
         if self.u is None:
             chunk = jnp.zeros((n,), dtype=jnp.result_type(float))
-        elif isinstance(self.u, list):  # one array per latent site (_noise_inputs)
+        elif isinstance(self.u, list):  # one array per latent site (_latent_inputs)
             chunk = self.u[len(self.latents)]
         else:
             if self.offset + n > self.u.shape[-1]:
@@ -232,12 +258,19 @@ class _WhitenedRun(Messenger):
                 )
             chunk = self.u[self.offset : self.offset + n]
         value = whitened_transform(fn, chunk, name)
+        checks = prior_parameter_checks(fn)
+        if checks:
+            valid = functools.reduce(jnp.logical_and, [ok for _, ok in checks])
+            value = jnp.where(valid, value, jnp.nan)
+            self.invalid = self.invalid | ~valid
+            self.parameter_checks += [(name, what, ok) for what, ok in checks]
         msg["value"] = value
         self.latents.append(_Record(name, fn, value, stack, sample_shape))
         self.offset += n
 
     def postprocess_message(self, msg):
         if msg["type"] == "deterministic":
+            self._claim(msg["name"], "deterministic")
             stack = tuple(msg.get("cond_indep_stack", ()))
             self.deterministic.append(_Record(msg["name"], None, msg["value"], stack, ()))
 
@@ -261,10 +294,11 @@ def _dims(name, shape, stack, event_ndim):
 
 class ProbeSignature:
     """What a model computed at the tracer's probe points, for checkpoints to compare:
-    a digest of the latent values, noise and data (exact), and the forward outputs,
-    equal to another's within a relative 1e-6 (NaN where both failed). A simulator whose
-    outputs vary by more than that between runs (a stochastic one, say) cannot resume
-    a checkpoint."""
+    a digest of the latent values and the noise (exact), and the forward outputs, equal
+    to another's within a relative 1e-6 (NaN where both failed). The data are not in it
+    (checkpoints digest them on their own, so a mismatch can say which differs). A
+    simulator whose outputs vary by more than that between runs (a stochastic one, say)
+    cannot resume a checkpoint."""
 
     def __init__(self, digest: str, outputs):
         self.digest = digest
@@ -341,7 +375,8 @@ class InverseProblem:
 
     def _forward(self, run):
         means = [g.mean(r.fn) for g, r in zip(self._gaussian, run.observed, strict=True)]
-        return jnp.concatenate(means) if len(means) > 1 else means[0]
+        g = jnp.concatenate(means) if len(means) > 1 else means[0]
+        return jnp.where(run.invalid, jnp.nan, g)
 
     def _batched(self, f, u, *extra):
         u = jnp.asarray(u)
@@ -496,6 +531,16 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
             UserWarning,
         )
 
+    for g, r in zip(gaussian, run.observed, strict=True):
+        if not isinstance(r.value, jax.core.Tracer):  # data the model was given, not computed
+            g.check_data(r.name, r.value)  # before the probe compiles the model on it
+        if g.size == 0:
+            raise ModelTracingError(
+                f"observed site '{r.name}' has no data (shape {g.shape}): drop the site, "
+                "or pass the observations it should hold.",
+                r.name,
+            )
+
     latent_sites, start = [], 0
     for r in run.latents:
         n = math.prod(whitened_shape(r.fn, r.name))
@@ -504,6 +549,12 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         latent_sites.append(LatentSite(r.name, shape, n, start, start + n, dims, _family(r.fn)))
         start += n
     d = start
+    if d == 0:
+        shapes = ", ".join(f"'{s.name}' {s.shape}" for s in latent_sites)
+        raise ModelTracingError(
+            f"the model's latent sites hold no elements ({shapes}): there is nothing to "
+            "infer. Check the plate sizes or the shapes of the priors."
+        )
 
     observed_sites, start = [], 0
     for g, r in zip(gaussian, run.observed, strict=True):
@@ -599,13 +650,13 @@ def _family(fn):
 
 
 _PROBE_CACHE: dict = {}
-_NOISE_INPUTS_CACHE: dict = {}  # _noise_inputs' answers, by the same key
+_LATENT_INPUTS_CACHE: dict = {}  # _latent_inputs' answers, by the same key
 _PROBE_CACHE_SIZE = 8
 
 
 def _noise_parameters(problem: InverseProblem, run) -> list:
     """Each observed site's noise parameters in a run of the model (the probe's and
-    :func:`_noise_inputs`' view of Γ)."""
+    :func:`_latent_inputs`' view of Γ)."""
     pairs = zip(problem._gaussian, run.observed, strict=True)
     return [g.noise_parameters(r.fn) for g, r in pairs]
 
@@ -648,7 +699,8 @@ def _compiled_probe(problem: InverseProblem):
         noise = _noise_parameters(p, run)
         observed = [jnp.asarray(r.value) for r in run.observed]
         latents = [r.value for r in run.latents]
-        return noise, observed, latents, p._forward(run)
+        checks = [ok for _, _, ok in run.parameter_checks]
+        return noise, observed, latents, p._forward(run), checks
 
     def probe_all(U, data):
         args, kwargs = rebuild(data)
@@ -660,40 +712,45 @@ def _compiled_probe(problem: InverseProblem):
     return lambda U: compiled(U, data)
 
 
-def _noise_inputs(problem: InverseProblem) -> list[list[str]]:
-    """For each observed site, the latent sites its noise parameters are computed from.
+def _latent_inputs(problem: InverseProblem) -> list[tuple[list[str], list[str]]]:
+    """For each observed site, the latent sites its noise parameters are computed from
+    and those its observed value (``obs``) is computed from.
 
     A structural check that complements the probe's values: the model's map from the
-    latent slices of u to the noise parameters is traced to a jaxpr once, and every
-    equation that reads a value derived from a latent marks its outputs as derived too.
-    A scale such as ``jnp.where(a > 2.5, 0.05, 0.3)`` takes one value at every probe
-    point yet depends on ``a``; the probe alone would miss it. Conservative: an output of
-    an equation (a loop, a callback) any of whose inputs depends on a latent counts as
-    depending on it, and shape-only uses (``jnp.ones_like(mu)``) do not count."""
+    latent slices of u to the noise parameters and the data is traced to a jaxpr once,
+    and every equation that reads a value derived from a latent marks its outputs as
+    derived too. A scale such as ``jnp.where(a > 2.5, 0.05, 0.3)`` takes one value at
+    every probe point yet depends on ``a``; the probe alone would miss it. Conservative:
+    an output of an equation (a loop, a callback) any of whose inputs depends on a latent
+    counts as depending on it, and shape-only uses (``jnp.ones_like(mu)``) do not count."""
     _, signature, _ = split_model_args(problem.model_args, problem.model_kwargs)
     key = None if signature is None else _structure_key(problem, signature)
     sites = problem.latent_sites
 
-    def noise_of(*parts):
+    def noise_and_data(*parts):
         # one input per latent site (not a flat u, whose slices would all derive from it)
         run = _WhitenedRun(handlers.seed(problem.model, rng_seed=0), u=list(parts))
         run(*problem.model_args, **problem.model_kwargs)
-        return _noise_parameters(problem, run)
+        return _noise_parameters(problem, run), [jnp.asarray(r.value) for r in run.observed]
 
     def find():
         parts = [jnp.zeros(s.size, jnp.result_type(float)) for s in sites]
-        closed, out = jax.make_jaxpr(noise_of, return_shape=True)(*parts)
+        closed, (noise, data) = jax.make_jaxpr(noise_and_data, return_shape=True)(*parts)
         jaxpr = closed.jaxpr
         outputs = iter(_output_sources(jaxpr, [{i} for i in range(len(jaxpr.invars))]))
-        result = []
-        for params in out:
-            sources = set()
-            for _ in jax.tree_util.tree_leaves(params):
-                sources |= next(outputs)
-            result.append([sites[i].name for i in sorted(sources)])
-        return result
 
-    return _cached(_NOISE_INPUTS_CACHE, key, find)
+        def names(tree):
+            sources = set()
+            for _ in jax.tree_util.tree_leaves(tree):
+                sources |= next(outputs)
+            return [sites[i].name for i in sorted(sources)]
+
+        # the outputs come in the order noise_and_data returns them: all noise, then data
+        noise_sources = [names(params) for params in noise]
+        data_sources = [names(x) for x in data]
+        return list(zip(noise_sources, data_sources, strict=True))
+
+    return _cached(_LATENT_INPUTS_CACHE, key, find)
 
 
 def _output_sources(jaxpr, input_sources: list[set]) -> list[set]:
@@ -731,6 +788,55 @@ def _output_sources(jaxpr, input_sources: list[set]) -> list[set]:
     return [sources_of(v, derived) for v in jaxpr.outvars]
 
 
+def _check_prior_parameters_somewhere_valid(problem: InverseProblem, checks) -> None:
+    """Refuses a prior whose parameters, computed as the model runs, are outside their
+    constraints at every probe point: a constant built with jnp inside the model
+    (``Gamma(jnp.array([1.0, -2.0]), 1.0)``; only Python and NumPy constants are seen at
+    trace time) or a hierarchy that never yields a valid prior. Every member would fail.
+    Where a check fails at some points only, those members fail at run time."""
+    if not checks:
+        return
+    names = []
+
+    def names_of(u):  # traced abstractly: the checks' names, nothing computed
+        names.extend((site, what) for site, what, _ in problem._run(u).parameter_checks)
+        return jnp.zeros(())
+
+    jax.make_jaxpr(names_of)(jnp.zeros(problem.dim, jnp.result_type(float)))
+    for (site, what), ok in zip(names, checks, strict=True):
+        if not np.any(ok):
+            raise ModelTracingError(
+                f"latent site '{site}' has a prior whose parameters are outside their range "
+                f"at every point the model was probed at ({what}). Every ensemble member "
+                "would fail; give it parameters inside their ranges.",
+                site,
+            )
+
+
+def _check_data_is_constant(problem: InverseProblem, data, structural, same) -> None:
+    """Refuses an observed site whose value (``obs``) is computed from latent variables,
+    such as ``obs=y - a * x``: NUTS can use such a residual form, but the ensemble methods
+    need y fixed and the latents in the mean G(u), and would silently treat the value at
+    one probe point as the data. ``data``: each site's value at the probe rows;
+    ``structural``: the latents each site's value is computed from (the jaxpr walk)."""
+    for k, site in enumerate(problem.observed_sites):
+        x = np.asarray(data[k])
+        varies = not all(same(x[row], x[0]) for row in range(1, x.shape[0]))
+        if not varies and not structural[k]:
+            continue
+        culprits = [
+            s.name for i, s in enumerate(problem.latent_sites) if not same(x[3 + i], x[1])
+        ] or structural[k]
+        names = ", ".join(repr(c) for c in culprits)
+        raise ModelTracingError(
+            f"the observed value (obs) of site '{site.name}' is computed from latent "
+            f"variables ({names}): the ensemble methods need fixed data y and the latents "
+            "in the mean, y ~ N(G(u), Γ). Move the latent terms into the distribution's "
+            "mean (for obs=y - a * x with mean b, write the mean as b + a * x and obs=y).",
+            site.name,
+        )
+
+
 def _probe(problem: InverseProblem):
     """One compiled, vmapped run of the model at u = 0, two random u and one perturbation
     of each latent site's slice. Returns each observed site's noise parameters and data;
@@ -745,12 +851,15 @@ def _probe(problem: InverseProblem):
         rows.append(v)
     U = jnp.asarray(np.stack(rows), dtype=jnp.result_type(float))
 
-    noise, data, latents, z = jax.device_get(_compiled_probe(problem)(U))
+    noise, data, latents, z, checks = jax.device_get(_compiled_probe(problem)(U))
+    _check_prior_parameters_somewhere_valid(problem, checks)
 
     def same(a, b):
         return np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
 
-    structural = _noise_inputs(problem)
+    inputs = _latent_inputs(problem)
+    _check_data_is_constant(problem, data, [of_data for _, of_data in inputs], same)
+    structural = [of_noise for of_noise, _ in inputs]
     for k, site in enumerate(problem.observed_sites):
         params = [np.asarray(p) for p in noise[k]]
         if not all(same(p[row], p[0]) for p in params for row in (1, 2)):
@@ -801,7 +910,5 @@ def _probe(problem: InverseProblem):
     return (
         [tuple(np.asarray(p)[0] for p in params) for params in noise],
         [np.asarray(x)[0] for x in data],
-        ProbeSignature(
-            digest_leaves(jax.tree_util.tree_leaves((noise, data, latents))), np.asarray(z)
-        ),
+        ProbeSignature(digest_leaves(jax.tree_util.tree_leaves((noise, latents))), np.asarray(z)),
     )
