@@ -593,7 +593,8 @@ def readme_section(results, meta):
         "- **EKI / UKI**: cheapest (see `posterior_accuracy.md`). Use them when the posterior",
         "  is close to Gaussian: linear or mildly nonlinear maps with informative data. Check",
         "  that with",
-        "  `eki_infer.diagnostics.gaussian_approximation_check(engine)`.",
+        "  `eki_infer.diagnostics.gaussian_approximation_check(engine)` (its `value_shift`",
+        "  estimates the run's worst error in posterior sds; `gaussian_check_calibration.md`).",
         "- **SMC**: use it when you need calibrated posteriors (hierarchical or heavy-tailed",
         "  priors, nonlinear maps) or the evidence. Here it cost "
         f"{min(ratios):.2f}–{max(ratios):.2f} × NUTS's gradient",

@@ -44,7 +44,8 @@ class Checkpoint:
 
     Args:
         path: the file (created with its parent folder if missing).
-        fingerprint: a picklable description of the run; resuming compares it.
+        fingerprint: a picklable description of the run; resuming compares it. A tuple
+            of ``(name, value)`` pairs lets a mismatch name the parts that differ.
     """
 
     def __init__(self, path, fingerprint):
@@ -59,11 +60,16 @@ class Checkpoint:
             return False
         content = self._read()
         if content["fingerprint"] != self.fingerprint:
+            differ = _differing_parts(content["fingerprint"], self.fingerprint)
+            what = (
+                f"it differs in its {'; '.join(differ)}"
+                if differ
+                else "method, options, number of chains, rng_key, data, or the model: its "
+                "structure, priors, noise or forward map differ"
+            )
             raise CheckpointMismatchError(
-                f"{self.path} was written by a different run (method, options, number of "
-                "chains, rng_key, data, or the model: its structure, priors, noise or "
-                "forward map differ); pass resume=False to start afresh, or another "
-                "checkpoint path."
+                f"{self.path} was written by a different run ({what}); pass resume=False "
+                "to start afresh, or another checkpoint path."
             )
         self.finished = content["finished"]
         self.current = content["current"]
@@ -135,6 +141,22 @@ class Checkpoint:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def _differing_parts(saved, current) -> list[str]:
+    """The names of the parts two fingerprints differ in, where both are tuples of
+    ``(name, value)`` pairs with the same names (what the engine writes); else []."""
+
+    def named(f):
+        return isinstance(f, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in f
+        )
+
+    if not (named(saved) and named(current)):
+        return []
+    if [n for n, _ in saved] != [n for n, _ in current]:
+        return []
+    return [n for (n, a), (_, b) in zip(saved, current, strict=True) if a != b]
 
 
 def key_fingerprint(rng_key) -> tuple:

@@ -70,12 +70,14 @@ def run_demo(
     results = {}
     samples_by_method = {}
     for method in ("eki", "eks", "uki"):
+        # UKI is deterministic: one chain, with as many Gaussian draws as the others' members
+        uki = method == "uki"
         engine = EKIInference(
             exp_sine.model,
             method=method,
-            ensemble_size=ensemble_size,
-            num_chains=num_chains,
-            num_samples=ensemble_size,
+            ensemble_size=None if uki else ensemble_size,
+            num_chains=1 if uki else num_chains,
+            num_samples=ensemble_size * num_chains if uki else ensemble_size,
             progress_bar=progress_bar,
         )
         start = time.perf_counter()

@@ -28,6 +28,7 @@ others go on.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -85,6 +86,30 @@ def default_ensemble_size(dim: int) -> int:
     parameter keeps that error near 0.1 posterior sd on near-Gaussian problems.
     """
     return int(min(max(100, 10 * dim), 1000))
+
+
+#: the run attribute ``chain_meaning``: what a chain is, so what R-hat across them compares
+_CHAIN_MEANING = {
+    "eki": "independent ensemble (R-hat compares runs, not Markov chains)",
+    "eks": "independent ensemble (R-hat compares runs, not Markov chains)",
+    "uki": (
+        "draws from the same deterministic UKI Gaussian (every chain runs the same "
+        "iteration; R-hat is 1 by construction)"
+    ),
+}
+
+
+def _named_fingerprint(options, settings, problem, key, settings_name: str) -> tuple:
+    """A checkpoint fingerprint as ``(name, value)`` pairs, so that a mismatch names what
+    differs (:class:`~eki_infer.checkpoint.CheckpointMismatchError`)."""
+    return (
+        ("method and options", options),
+        (settings_name, settings),
+        ("model's sites and shapes", repr(problem)),
+        ("data", _data_digest(problem)),
+        ("model's priors, noise or forward map", problem.probe_signature),
+        ("rng_key", key),
+    )
 
 
 def _default_max_iterations(method: str) -> int:
@@ -233,6 +258,16 @@ class EKIInference:
         self.smc_options = dict(smc_options or {})
         if method == "smc":
             self._check_smc_options(scheduler, keep_path, chain_method)
+        if method == "uki" and self.num_chains > 1:
+            warn(
+                f"num_chains={self.num_chains} with method='uki': UKI is deterministic, so "
+                "every chain runs the same sigma-point iteration to the same Gaussian and "
+                "differs only in its num_samples draws from it. R-hat across such chains is "
+                "1 by construction and tells nothing about the approximation; use "
+                "num_chains=1 (num_samples sets the draws), and "
+                "eki_infer.gaussian_approximation_check to judge the Gaussian.",
+                UserWarning,
+            )
         self.blas_threads = None if blas_threads is None else int(blas_threads)
         self.log_evidence = None
         self.problem = None
@@ -341,8 +376,15 @@ class EKIInference:
             return self._run(rng_key, model_args, model_kwargs, checkpoint, resume)
 
     def resume(self, rng_key, *model_args, checkpoint, **model_kwargs):
-        """Continues the run saved in ``checkpoint`` (shorthand for ``run(...,
-        checkpoint=checkpoint, resume=True)``)."""
+        """Continues the run saved in ``checkpoint`` (``run(..., checkpoint=checkpoint,
+        resume=True)``, except that a missing file is an error here: ``run`` with
+        ``resume=True`` starts afresh where there is none, which after a crash would
+        hide a mistyped path)."""
+        if not Path(checkpoint).exists():
+            raise FileNotFoundError(
+                f"no checkpoint at {checkpoint} to resume from; to start a run that "
+                "resumes when the file exists, use run(..., checkpoint=path, resume=True)."
+            )
         return self.run(rng_key, *model_args, checkpoint=checkpoint, resume=True, **model_kwargs)
 
     def _run(self, rng_key, model_args, model_kwargs, checkpoint_path, resume):
@@ -403,7 +445,7 @@ class EKIInference:
             lambda u: steps.pointwise_log_likelihood(u, data),
             {
                 "scheduler": repr(scheduler),
-                "chain_meaning": "independent ensemble (R-hat compares runs, not Markov chains)",
+                "chain_meaning": _CHAIN_MEANING[self.method],
             },
         )
         return self.inference_data
@@ -428,13 +470,8 @@ class EKIInference:
             self.uki_mode,
             self.keep_path,
         )
-        return (
-            options,
-            repr(scheduler),
-            repr(problem),
-            _data_digest(problem),
-            problem.probe_signature,
-            key_fingerprint(rng_key),
+        return _named_fingerprint(
+            options, repr(scheduler), problem, key_fingerprint(rng_key), "scheduler"
         )
 
     def _run_chains(
@@ -536,6 +573,9 @@ class EKIInference:
                         dt=f"{float(np.max(dt)):.2e}",
                         misfit=f"{float(np.mean(misfit_mean)):.3g}",
                     )
+            if bar is not None and bar.n < bar.total:  # done before max_iterations: full
+                bar.total = bar.n
+                bar.refresh()
         finally:
             if bar is not None:
                 bar.close()
@@ -608,15 +648,14 @@ class EKIInference:
             )
         checkpoint = None
         if checkpoint_path is not None:
-            fingerprint = (
+            fingerprint = _named_fingerprint(
                 ("smc", num, self.num_chains, self.max_iterations),
                 # the options in effect, defaults included: {} and the defaults written
                 # out are the same run
                 repr(sorted(options.items())),
-                repr(problem),
-                _data_digest(problem),
-                problem.probe_signature,
+                problem,
                 key_fingerprint(rng_key),
+                "SMC options",
             )
             checkpoint = Checkpoint(checkpoint_path, fingerprint)
             if resume:
@@ -789,10 +828,11 @@ def _with_simulator_errors(error, executor):
 
 def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> None:
     """Warns where the forward map failed for most of an iteration's points (the update
-    then rests on the few that succeeded) and where final draws failed: those stay in the
-    posterior (for EKI and EKS they are the ensemble; for UKI, draws of its Gaussian) with
-    NaN ``log_likelihood`` and ``posterior_predictive``, so ``az.loo``/``az.waic`` of the
-    result are NaN; ``sample_stats.failed`` marks them."""
+    then rests on the few that succeeded), else where it failed for any (failures that
+    depend on the parameters truncate the posterior), and where final draws failed:
+    those stay in the posterior (for EKI and EKS they are the ensemble; for UKI, draws of
+    its Gaussian) with NaN ``log_likelihood`` and ``posterior_predictive``, so
+    ``az.loo``/``az.waic`` of the result are NaN; ``sample_stats.failed`` marks them."""
     num_failed = np.asarray(num_failed)
     what = "sigma points" if method == "uki" else "members"
     if num_failed.size and num_failed.max() > points / 2:
@@ -803,6 +843,16 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             f"iteration {iteration} of chain {chain}; history.num_failed has them all). "
             "Each update used only the members that succeeded, so the ensemble describes "
             "the region where the forward map works; check it there.",
+            UserWarning,
+        )
+    elif method != "uki" and num_failed.size and num_failed.max() > 0:
+        warn(
+            f"{method.upper()}: the forward map failed (non-finite output) for "
+            f"{int(num_failed.sum())} member evaluations over the run (at most "
+            f"{int(num_failed.max())} of {points} at an iteration; history.num_failed has "
+            "them all). The updates used the members that succeeded, so where the failures "
+            "depend on the parameters the ensemble describes the posterior restricted to "
+            "the region where the forward map works.",
             UserWarning,
         )
     if method == "uki" and num_failed.size and num_failed.max() > 0:
@@ -943,9 +993,9 @@ def _terminates(scheduler) -> bool:
     return getattr(scheduler, "on_terminate", None) == "stop"
 
 
-def _progress(enabled: bool, total: int, method: str):
+def _progress(enabled: bool, total: int, label: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=method.upper(), unit="it", leave=True)
+    return tqdm(total=total, desc=label, unit="it", leave=True)

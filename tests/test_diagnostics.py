@@ -25,12 +25,13 @@ def linear_model(y=None):
 def test_exact_gaussian_gets_uniform_weights():
     # UKI is exact for a linear-Gaussian problem: q is the posterior, so every weight is
     # 1/n up to rounding, the ESS is 1 and the weights move the draws' mean by nothing.
-    uki = EKIInference(linear_model, "uki", num_chains=2, progress_bar=False)
+    with pytest.warns(UserWarning, match="UKI is deterministic.*R-hat across such chains is 1"):
+        uki = EKIInference(linear_model, "uki", num_chains=2, progress_bar=False)
     uki.run(jax.random.PRNGKey(0), y=DATA)
     check = gaussian_approximation_check(uki, num_draws=500)
     np.testing.assert_allclose(check.ess_fraction, 1.0, atol=1e-9)
     np.testing.assert_allclose(check.max_weight, 1.0 / 500, rtol=1e-6)
-    assert np.all(check.mean_shift < 1e-6)
+    assert np.all(check.mean_shift < 1e-6) and np.all(check.value_shift < 1e-6)
     assert check.good and np.all(check.failed == 0)
 
 
@@ -43,7 +44,7 @@ def test_mean_shift_is_not_rounding_for_a_narrow_posterior():
         theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
         numpyro.sample("y", dist.Normal(MATRIX @ theta, 1e-12).to_event(1), obs=y)
 
-    uki = EKIInference(narrow, "uki", num_chains=2, progress_bar=False)
+    uki = EKIInference(narrow, "uki", progress_bar=False)
     uki.run(jax.random.PRNGKey(0), y=MATRIX @ jnp.array([0.7, -0.4, 1.1]))
     check = gaussian_approximation_check(uki, num_draws=500)
     np.testing.assert_allclose(check.ess_fraction, 1.0, atol=1e-6)
@@ -67,6 +68,17 @@ def test_bad_options_are_named():
         gaussian_approximation_check(uki, num_draws=1)
     with pytest.raises(ValueError, match="threshold"):
         gaussian_approximation_check(uki, threshold=0.0)
+    with pytest.raises(ValueError, match="max_value_shift"):
+        gaussian_approximation_check(uki, max_value_shift=0.0)
+
+
+def test_smc_runs_are_refused():
+    """A Gaussian fitted to SMC's draws says nothing about SMC (on eight schools it called
+    an accurate run poor), so the check names the methods it is for."""
+    smc = EKIInference(linear_model, "smc", ensemble_size=100, progress_bar=False)
+    smc.run(jax.random.PRNGKey(0), y=DATA)
+    with pytest.raises(ValueError, match="for EKI, EKS and UKI runs, not method='smc'"):
+        gaussian_approximation_check(smc)
 
 
 class CountingExecutor(ThreadExecutor):

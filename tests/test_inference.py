@@ -443,7 +443,9 @@ def _decay_model(prior_sd, noise):
 
 def test_a_checkpoint_of_another_model_or_a_damaged_one_is_refused(tmp_path):
     """Same structure, other priors and noise: refused (the probe digest differs), not
-    resumed into the old posterior. A truncated or altered file is refused by name."""
+    resumed into the old posterior, and the message names what differs. A missing file
+    is an error for resume(), not a fresh run. A truncated or altered file is refused by
+    name."""
     from eki_infer.checkpoint import CheckpointMismatchError
 
     t = jnp.linspace(0.0, 2.0, 8)
@@ -454,9 +456,17 @@ def test_a_checkpoint_of_another_model_or_a_damaged_one_is_refused(tmp_path):
         jax.random.PRNGKey(3), t, y=y, checkpoint=path
     )
     other = EKIInference(_decay_model(2.0, 0.5), "eki", **options)
-    with pytest.raises(CheckpointMismatchError, match="written by a different run"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"different run \(it differs in its model's priors, noise or forward map\)",
+    ):
         other.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)
     same = EKIInference(_decay_model(0.5, 0.05), "eki", **options)
+    with pytest.raises(CheckpointMismatchError, match=r"\(it differs in its rng_key\)"):
+        same.resume(jax.random.PRNGKey(4), t, y=y, checkpoint=path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*typo\.ckpt"):
+        other.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=tmp_path / "typo.ckpt")
+    assert not (tmp_path / "typo.ckpt").exists()
     same.resume(jax.random.PRNGKey(3), t, y=y, checkpoint=path)  # the same run resumes
 
     data = path.read_bytes()
@@ -543,3 +553,53 @@ def test_model_fingerprint_looks_through_handlers_and_callable_objects():
             return self.slope
 
     assert model_fingerprint(Model(np.ones(2))) != model_fingerprint(Model(np.zeros(2)))
+
+
+_X5 = jnp.linspace(0.0, 1.0, 5)
+
+
+def _bounded_by_a_latent(y=None):
+    """th ~ Uniform(lo, 1) with lo ~ N(0, 1): undefined where lo ≥ 1 (14 % of the prior)."""
+    lo = numpyro.sample("lo", dist.Normal(0.0, 1.0))
+    th = numpyro.sample("th", dist.Uniform(lo, 1.0))
+    numpyro.sample("y", dist.Normal(th * _X5, 0.1), obs=y)
+
+
+def test_a_prior_whose_parameters_leave_their_range_fails_the_member():
+    """Where lo ≥ 1 NumPyro's density is NaN (NUTS never goes there); the transform gave
+    th in (1, lo) instead and EKI put its whole posterior there. Such members now fail:
+    NaN values and outputs, redrawn by EKI, rejected by SMC, which then matches
+    quadrature of the density on its domain, N(lo) 1[lo < th < 1] / (1 − lo) L(th)."""
+    from scipy.stats import norm
+
+    from eki_infer.tracing import trace_model
+
+    y = 0.8 * _X5 + 0.1 * np.array([0.5, -0.3, 0.2, 0.0, -0.4])
+    problem = trace_model(_bounded_by_a_latent, y=y)
+    u = jnp.array([[0.0, 0.0], [1.5, 0.0]])  # lo = 0 (valid), lo = 1.5 (invalid)
+    values, outputs = problem.transform_and_forward(u)
+    assert np.isfinite(values["th"][0]) and np.all(np.isfinite(outputs[0]))
+    assert np.isnan(values["th"][1]) and np.all(np.isnan(outputs[1]))
+
+    eki = EKIInference(_bounded_by_a_latent, "eki", ensemble_size=100, progress_bar=False)
+    with pytest.warns(UserWarning, match="forward map failed"):
+        post = eki.run(jax.random.PRNGKey(0), y=y).posterior
+    lo, th = np.asarray(post["lo"]).ravel(), np.asarray(post["th"]).ravel()
+    ok = np.isfinite(th)
+    assert ok.mean() > 0.9 and np.all(lo[ok] < th[ok]) and np.all(th[ok] <= 1.0)
+
+    smc = EKIInference(_bounded_by_a_latent, "smc", progress_bar=False)
+    post = smc.run(jax.random.PRNGKey(1), y=y).posterior
+    lo, th = np.asarray(post["lo"]).ravel(), np.asarray(post["th"]).ravel()
+    assert np.all(lo < th) and np.all(th <= 1.0)
+
+    a = np.linspace(-6.0, 1.0, 1401)[:-1]
+    t = np.linspace(-6.0, 1.0, 1401)
+    A, T = np.meshgrid(a, t, indexing="ij")
+    misfit = ((T[..., None] * np.asarray(_X5) - y) ** 2).sum(-1) / (2 * 0.1**2)
+    w = norm.pdf(A) * (A < T) / (1.0 - A) * np.exp(-(misfit - misfit.min()))
+    w /= w.sum()
+    for x, grid in ((lo, A), (th, T)):
+        mean = (w * grid).sum()
+        sd = np.sqrt((w * (grid - mean) ** 2).sum())
+        assert abs(x.mean() - mean) < 0.1 * sd and abs(x.std() / sd - 1) < 0.1

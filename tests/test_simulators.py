@@ -253,7 +253,7 @@ def test_resume_refuses_another_run(tmp_path):
         jax.random.PRNGKey(0), y=Y, checkpoint=checkpoint
     )
     other = EKIInference(bbm.make_model(), "eki", ensemble_size=11, progress_bar=False)
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match=r"different run \(it differs in its method and options\)"):
         other.run(jax.random.PRNGKey(0), y=Y, checkpoint=checkpoint, resume=True)
 
 
