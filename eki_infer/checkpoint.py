@@ -61,12 +61,15 @@ class Checkpoint:
         content = self._read()
         if content["fingerprint"] != self.fingerprint:
             differ = _differing_parts(content["fingerprint"], self.fingerprint)
-            what = (
-                f"it differs in its {'; '.join(differ)}"
-                if differ
-                else "method, options, number of chains, rng_key, data, or the model: its "
-                "structure, priors, noise or forward map differ"
-            )
+            if differ:
+                what = f"it differs in its {'; '.join(differ)}"
+            elif _named(self.fingerprint) and not _named(content["fingerprint"]):
+                what = "an earlier version of eki_infer, whose fingerprints have another form"
+            else:
+                what = (
+                    "method, options, number of chains, rng_key, data, or the model: its "
+                    "structure, priors, noise or forward map differ"
+                )
             raise CheckpointMismatchError(
                 f"{self.path} was written by a different run ({what}); pass resume=False "
                 "to start afresh, or another checkpoint path."
@@ -143,16 +146,17 @@ class Checkpoint:
             raise
 
 
+def _named(fingerprint) -> bool:
+    """Whether a fingerprint is a tuple of ``(name, value)`` pairs (what the engine writes)."""
+    return isinstance(fingerprint, tuple) and all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in fingerprint
+    )
+
+
 def _differing_parts(saved, current) -> list[str]:
     """The names of the parts two fingerprints differ in, where both are tuples of
-    ``(name, value)`` pairs with the same names (what the engine writes); else []."""
-
-    def named(f):
-        return isinstance(f, tuple) and all(
-            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in f
-        )
-
-    if not (named(saved) and named(current)):
+    ``(name, value)`` pairs with the same names; else []."""
+    if not (_named(saved) and _named(current)):
         return []
     if [n for n, _ in saved] != [n for n, _ in current]:
         return []

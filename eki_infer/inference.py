@@ -380,6 +380,8 @@ class EKIInference:
         resume=True)``, except that a missing file is an error here: ``run`` with
         ``resume=True`` starts afresh where there is none, which after a crash would
         hide a mistyped path)."""
+        if checkpoint is None:
+            raise ValueError("resume() needs the checkpoint path to resume from.")
         if not Path(checkpoint).exists():
             raise FileNotFoundError(
                 f"no checkpoint at {checkpoint} to resume from; to start a run that "
@@ -838,7 +840,8 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
     if num_failed.size and num_failed.max() > points / 2:
         chain, iteration = np.unravel_index(np.argmax(num_failed), num_failed.shape)
         warn(
-            f"{method.upper()}: the forward map failed (non-finite output) for more than half "
+            f"{method.upper()}: the forward map failed (non-finite output, or a prior whose "
+            "parameters left their range for that member) for more than half "
             f"of the {points} {what} at some iteration (worst: {int(num_failed.max())} at "
             f"iteration {iteration} of chain {chain}; history.num_failed has them all). "
             "Each update used only the members that succeeded, so the ensemble describes "
@@ -847,7 +850,8 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
         )
     elif method != "uki" and num_failed.size and num_failed.max() > 0:
         warn(
-            f"{method.upper()}: the forward map failed (non-finite output) for "
+            f"{method.upper()}: the forward map failed (non-finite output, or a prior whose "
+            "parameters left their range for that member) for "
             f"{int(num_failed.sum())} member evaluations over the run (at most "
             f"{int(num_failed.max())} of {points} at an iteration; history.num_failed has "
             "them all). The updates used the members that succeeded, so where the failures "
@@ -868,8 +872,9 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
     if final_failed.any():
         per_chain = final_failed.sum(axis=-1).tolist()
         warn(
-            f"{method.upper()}: the forward map failed for {per_chain} of the "
-            f"{final_failed.shape[-1]} final draws (per chain). They stay in the posterior "
+            f"{method.upper()}: the forward map failed (or a prior's parameters left their "
+            f"range) for {per_chain} of the {final_failed.shape[-1]} final draws (per "
+            "chain). They stay in the posterior "
             "(the approximation holds them) with NaN log_likelihood and "
             "posterior_predictive, so az.loo/az.waic of this result are NaN; "
             "sample_stats.failed marks them.",

@@ -403,9 +403,9 @@ def test_failing_members_are_warned_about():
     with pytest.warns(UserWarning) as record:
         data = engine.run(jax.random.PRNGKey(0), y=2.0 * x)
     messages = " ".join(str(w.message) for w in record)
-    assert "failed (non-finite output) for more than half of the 40 members" in messages
+    assert "left their range for that member) for more than half of the 40 members" in messages
     failed = group(data, "sample_stats")["failed"].values
-    assert failed.any() and f"failed for [{int(failed.sum())}] of the 40 final draws" in messages
+    assert failed.any() and f"for [{int(failed.sum())}] of the 40 final draws" in messages
     assert np.isnan(group(data, "log_likelihood")["obs"].values[failed]).all()
 
 

@@ -475,3 +475,21 @@ def test_prior_parameters_out_of_range_everywhere():
         numpyro.sample("y", dist.Normal(jnp.sum(s), 1.0).expand([3]), obs=y)
 
     _raises(model, y=Y, site="s", match=("Gamma's concentration must be finite", "every point"))
+
+
+def test_prior_parameters_from_model_arguments_and_params_read_twice():
+    """Array model arguments reach the compiled probe as traced values (the discovery run
+    sees them concrete): the parameter checks still line up. A numpyro.param read twice
+    is one parameter, as in NumPyro's own trace."""
+
+    def model(prior_sd, lo, hi, y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, prior_sd))
+        b = numpyro.sample("b", dist.Uniform(lo, hi))
+        s = numpyro.param("s", 1.0) * numpyro.param("s", 1.0)
+        numpyro.sample("y", dist.Normal(a + b, 0.1 * s).expand([3]), obs=y)
+
+    with pytest.warns(UserWarning, match="param sites 's' are held"):
+        problem = trace_model(model, np.array(2.0), np.array(0.0), np.array(1.0), y=Y)
+    assert problem.dim == 2
+    with pytest.raises(ModelTracingError, match=r"lower bound 1\.0 not below its upper bound"):
+        trace_model(model, np.array(2.0), np.array(1.0), np.array(0.0), y=Y)

@@ -73,6 +73,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import lax
 from jax.scipy import special as jsp
+from numpyro.distributions.util import lazy_property
 
 from eki_infer.tracing.errors import ModelTracingError
 from eki_infer.tracing.large_parameter_quantiles import (
@@ -679,17 +680,21 @@ def _parameter_leaves(fn):
         yield leaf.base_dist
 
 
-def _parameters(leaf, matrices: bool = True):
-    """(name, value, constraint) of each parameter ``leaf`` holds; with ``matrices=False``
-    without those constrained as matrices (not even computing a lazy one, such as a
-    MultivariateNormal's precision matrix). A 'dependent' constraint (Uniform's bounds:
-    see :func:`_support_bounds`) has nothing to check on its own."""
+def _parameters(leaf, lazy: bool = True):
+    """(name, value, constraint) of each parameter ``leaf`` holds; with ``lazy=False``
+    only those already computed (not a lazy property such as a MultivariateNormal's
+    precision matrix, which reading would compute). A 'dependent' constraint (Uniform's
+    bounds: see :func:`_support_bounds`) has nothing to check on its own."""
     for name, constraint in getattr(leaf, "arg_constraints", {}).items():
-        if not matrices and getattr(constraint, "event_dim", 0) >= 2:
+        if not lazy and _is_lazy(leaf, name):
             continue
         value = getattr(leaf, name, None)
         if value is not None:
             yield name, value, constraint
+
+
+def _is_lazy(leaf, name) -> bool:
+    return isinstance(getattr(type(leaf), name, None), lazy_property) and name not in vars(leaf)
 
 
 def _support_bounds(leaf):
@@ -764,12 +769,11 @@ def check_prior_parameters(fn, site=None) -> None:
 
 
 def prior_parameter_checks(fn) -> list[tuple[str, jax.Array]]:
-    """``(what, ok)`` for each parameter of ``fn`` computed when the model runs (from other
-    latents, from traced model arguments, or a jnp constant the model builds), ``ok`` a
-    scalar bool array: the parameter is finite (a truncation bound may be infinite) and
-    inside its constraint, and an interval support's bounds are ordered. Empty where
-    every parameter is a Python or NumPy constant (:func:`check_prior_parameters` has
-    checked those at trace time).
+    """``(what, ok)`` for each parameter of ``fn``, ``ok`` a scalar bool array that is
+    False where the parameter, as the model computes it, is outside its range: NaN, not
+    finite (a truncation bound may be infinite), outside its constraint, or an interval
+    support's bounds out of order. One entry per parameter whether it is a constant or
+    computed from latents, so the list depends on the model's structure alone.
 
     A hierarchical prior such as th ~ Uniform(lo, 1) or HalfNormal(s), with lo and s drawn
     from priors that reach past 1 or below 0, is undefined for some ensemble members;
@@ -777,22 +781,31 @@ def prior_parameter_checks(fn) -> list[tuple[str, jax.Array]]:
     makes those members fail instead (their values and forward outputs become NaN), so
     the ensemble methods redraw or reject them rather than using a value outside the
     prior's support; a check that fails at every point the tracer probes is an error
-    naming the site. Matrix constraints (a covariance being positive definite) are left
-    to the transform's Cholesky factor, which is NaN where they fail."""
+    naming the site. Of the matrix constraints only a Cholesky factor's is checked (a
+    lower-triangular matrix with a positive diagonal, O(d²)); a covariance or precision
+    matrix is only checked to be finite, its positive definiteness left to the
+    transform's Cholesky factor, which is NaN where it fails."""
     checks = []
     for leaf in _parameter_leaves(fn):
         family = _family_name(leaf) + ("" if leaf is fn else f" in {_family_name(fn)}")
-        for name, value, constraint in _parameters(leaf, matrices=False):
-            if not _is_traced(value):
-                continue
-            ok = jnp.all(~jnp.isnan(value))
-            if not (isinstance(leaf, _TRUNCATIONS) and name in ("low", "high")):
-                ok = jnp.all(jnp.isfinite(value))
-                if not dist.constraints.is_dependent(constraint):
+        for name, value, constraint in _parameters(leaf, lazy=False):
+            value = jnp.asarray(value)
+            if not jnp.issubdtype(value.dtype, jnp.inexact):
+                continue  # integer or boolean parameters: nothing to be NaN
+            if isinstance(leaf, _TRUNCATIONS) and name in ("low", "high"):
+                ok, what = jnp.all(~jnp.isnan(value)), "must not be NaN"
+            else:
+                ok, what = jnp.all(jnp.isfinite(value)), "must be finite"
+                matrix = getattr(constraint, "event_dim", 0) >= 2
+                checked = not dist.constraints.is_dependent(constraint) and (
+                    not matrix or isinstance(constraint, type(dist.constraints.lower_cholesky))
+                )
+                if checked:
                     ok = ok & jnp.all(constraint.check(value))
-            checks.append((f"{family}'s {name} must be finite and satisfy {constraint}", ok))
+                    what += f" and satisfy {constraint}"
+            checks.append((f"{family}'s {name} {what}", ok))
         bounds = _support_bounds(leaf)
-        if bounds is not None and any(_is_traced(b) for b in bounds):
+        if bounds is not None:
             lower, upper = (jnp.asarray(b) for b in bounds)
             checks.append(
                 (f"{family}'s lower bound must be below its upper", jnp.all(lower < upper))

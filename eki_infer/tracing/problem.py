@@ -17,16 +17,22 @@ At trace time (once):
   find the sites, their shapes and plates (dimension names); unsupported constructs
   raise :class:`ModelTracingError` naming the site: discrete, improper or unsupported
   priors, non-Gaussian likelihoods, masks, subsampled plates, scale factors
-  (``handlers.scale``), Python control flow on sampled values, a model without latent
-  or without observed sites (a site with ``obs=None`` becomes latent: "did you pass the
-  data?");
+  (``handlers.scale``), Python control flow on sampled values, two sites of one name,
+  a model without latent or without observed sites (a site with ``obs=None`` becomes
+  latent: "did you pass the data?"), empty or non-numeric data, and prior parameters
+  known there to be out of range;
 - the model is then compiled once and run (vmapped) at u = 0, two random u and one
   perturbation of each latent site's slice. This gives the data (rejected if not
   finite) and Γ; Γ must come out the same every time, otherwise the noise depends on a
   latent variable, which is not supported yet (the error names the observed site and
-  the latent sites it moves with); a latent site whose perturbation changes neither
-  the forward map nor any other latent value gets a warning (usually data that was
-  not passed, in a model that has another observed site).
+  the latent sites it moves with); the data must too, and neither may be computed from
+  a latent at all (a walk over the model's jaxpr finds ``jnp.where(a > 2.5, ...)``,
+  which is constant at the probe points). A prior whose parameters are out of range at
+  every probe point is an error; where they are out of range only at some u (a
+  hierarchy such as Uniform(lo, 1)), the member fails when the model runs: its values
+  and G(u) are NaN, so the ensemble methods redraw or reject it. A latent site whose
+  perturbation changes neither the forward map nor any other latent value gets a
+  warning (usually data that was not passed, in a model that has another observed site).
 
 Sites whose value is already set by an inner handler (``numpyro.handlers.substitute``) are
 constants, not latents. ``numpyro.param`` sites keep their initial value. Masks are
@@ -179,8 +185,8 @@ class _WhitenedRun(Messenger):
         does: the output maps sites by name, so one would silently replace the other."""
         if self.strict and name in self.names:
             raise ModelTracingError(
-                f"two sites are named '{name}' (the second a {kind} site): every sample, "
-                "deterministic and param site needs its own name. In a Python loop, "
+                f"two sites are named '{name}' (the second a {kind} site): every sample "
+                "and deterministic site needs its own name. In a Python loop, "
                 f"name them by index (f'{name}_{{i}}') or use a numpyro.plate.",
                 name,
             )
@@ -188,7 +194,7 @@ class _WhitenedRun(Messenger):
 
     def process_message(self, msg):
         kind = msg["type"]
-        if kind in ("sample", "param"):
+        if kind == "sample":
             self._claim(msg["name"], kind)
         if kind == "param":
             self.params.append(msg["name"])
@@ -586,7 +592,8 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         noise=None,
         _gaussian=tuple(gaussian),
     )
-    noise_params, data, probe_signature = _probe(draft)
+    check_names = [(site, what) for site, what, _ in run.parameter_checks]
+    noise_params, data, probe_signature = _probe(draft, check_names)
     ys = []
     for g, site, x, params in zip(gaussian, observed_sites, data, noise_params, strict=True):
         g.check_data(site.name, x)
@@ -788,21 +795,14 @@ def _output_sources(jaxpr, input_sources: list[set]) -> list[set]:
     return [sources_of(v, derived) for v in jaxpr.outvars]
 
 
-def _check_prior_parameters_somewhere_valid(problem: InverseProblem, checks) -> None:
-    """Refuses a prior whose parameters, computed as the model runs, are outside their
-    constraints at every probe point: a constant built with jnp inside the model
-    (``Gamma(jnp.array([1.0, -2.0]), 1.0)``; only Python and NumPy constants are seen at
-    trace time) or a hierarchy that never yields a valid prior. Every member would fail.
-    Where a check fails at some points only, those members fail at run time."""
-    if not checks:
-        return
-    names = []
-
-    def names_of(u):  # traced abstractly: the checks' names, nothing computed
-        names.extend((site, what) for site, what, _ in problem._run(u).parameter_checks)
-        return jnp.zeros(())
-
-    jax.make_jaxpr(names_of)(jnp.zeros(problem.dim, jnp.result_type(float)))
+def _check_prior_parameters_somewhere_valid(names, checks) -> None:
+    """Refuses a prior whose parameters, as the model computes them, are outside their
+    range at every probe point: a constant built with jnp inside the model
+    (``Gamma(jnp.array([1.0, -2.0]), 1.0)``, which NumPyro does not validate and trace
+    time sees only as a traced value) or a hierarchy that never yields a valid prior.
+    Every member would fail. Where a check fails at some points only, those members fail
+    at run time. ``names``: (site, what) per check, from the tracer's discovery run;
+    ``checks``: each check's result at the probe rows."""
     for (site, what), ok in zip(names, checks, strict=True):
         if not np.any(ok):
             raise ModelTracingError(
@@ -837,10 +837,13 @@ def _check_data_is_constant(problem: InverseProblem, data, structural, same) -> 
         )
 
 
-def _probe(problem: InverseProblem):
+def _probe(problem: InverseProblem, check_names):
     """One compiled, vmapped run of the model at u = 0, two random u and one perturbation
-    of each latent site's slice. Returns each observed site's noise parameters and data;
-    raises if the noise changes with u; warns about latent sites nothing depends on."""
+    of each latent site's slice. Returns each observed site's noise parameters and data.
+    Raises where a prior's parameters are out of range at every point (``check_names``:
+    the discovery run's names of :func:`~eki_infer.tracing.priors.prior_parameter_checks`),
+    where an observed value is computed from latents, and where the noise changes with u
+    or is computed from latents; warns about latent sites nothing depends on."""
     d = problem.dim
     rng = np.random.default_rng(20240531)
     u_a = rng.standard_normal(d)
@@ -852,7 +855,7 @@ def _probe(problem: InverseProblem):
     U = jnp.asarray(np.stack(rows), dtype=jnp.result_type(float))
 
     noise, data, latents, z, checks = jax.device_get(_compiled_probe(problem)(U))
-    _check_prior_parameters_somewhere_valid(problem, checks)
+    _check_prior_parameters_somewhere_valid(check_names, checks)
 
     def same(a, b):
         return np.allclose(a, b, rtol=1e-6, atol=0.0, equal_nan=True)
