@@ -22,7 +22,7 @@ from eki_infer.noise import (
     block_diagonal,
 )
 from eki_infer.nuts import run_nuts
-from eki_infer.processes import EnsembleFailureError
+from eki_infer.processes import EnsembleDivergenceError, EnsembleFailureError
 from eki_infer.schedulers import DataMisfitController, DefaultScheduler, EKSStableScheduler
 from eki_infer.simulators import BlackBoxGradientError, black_box
 from eki_infer.smc import SMCError
@@ -43,6 +43,7 @@ __all__ = [
     "EKIInference",
     "EKIOptimizer",
     "EKSStableScheduler",
+    "EnsembleDivergenceError",
     "EnsembleFailureError",
     "EventBlocksNoise",
     "InverseProblem",

@@ -106,8 +106,9 @@ def _gaussians(engine):
         raise ValueError(
             f"gaussian_approximation_check is for EKI, EKS and UKI runs, not "
             f"method={engine.method!r}: SMC's draws are already weighted to the posterior "
-            "(its own diagnostics are the per-stage ESS and acceptance rates in "
-            "sample_stats), and a Gaussian fitted to them says nothing about them."
+            "(its own diagnostics are the per-stage ESS and acceptance rates in the "
+            "ensemble_history group and engine.history), and a Gaussian fitted to them "
+            "says nothing about them."
         )
     u = jnp.asarray(state.particles)  # EKI/EKS ensembles: (chains, J, d)
     size, d = u.shape[1], u.shape[2]

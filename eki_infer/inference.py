@@ -28,6 +28,7 @@ others go on.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -170,7 +171,9 @@ class EKIInference:
         progress_bar: show a tqdm bar with iteration, t, Δt and mean misfit.
         smc_options: SMC only: tuning keywords for :func:`eki_infer.smc.run_smc`
             (checked when the engine is built; one that the chosen variant does not
-            read, such as ``chain_length`` with ``waste_free=False``, raises).
+            read, such as ``chain_length`` with ``waste_free=False``, raises, even at its
+            default value; ``num_particles``, ``num_chains``, ``max_stages`` and
+            ``progress_bar`` are the engine's own arguments and raise here).
         blas_threads: threads the BLAS/LAPACK library (SciPy's OpenBLAS, which jaxlib
             uses for CPU factorisations) may use during a run, restored afterwards
             (:mod:`eki_infer.blas_threads`). Default 1: an ensemble step's
@@ -255,6 +258,11 @@ class EKIInference:
         self.executor = executor
         self.path: dict | None = None
         self.progress_bar = bool(progress_bar)
+        if smc_options is not None and not isinstance(smc_options, Mapping):
+            raise TypeError(
+                "smc_options must be a dict of run_smc tuning keywords, e.g. "
+                f"{{'schedule': 'dmc'}}, got {type(smc_options).__name__}."
+            )
         self.smc_options = dict(smc_options or {})
         if method == "smc":
             self._check_smc_options(scheduler, keep_path, chain_method)
@@ -301,6 +309,8 @@ class EKIInference:
             if given:
                 raise ValueError(f"{name} does not apply to method='smc': {why}.")
         engine_owned = {
+            "num_particles": "ensemble_size",
+            "num_chains": "num_chains",
             "max_stages": "max_iterations",
             "progress_bar": "progress_bar",
             "checkpoint": "run(..., checkpoint=...)",
@@ -317,6 +327,7 @@ class EKIInference:
                 self.num_chains,
                 self.max_iterations,
                 names=names,
+                given=set(self.smc_options),
                 **self.smc_options,
             )
         except (TypeError, ValueError) as err:
@@ -444,7 +455,6 @@ class EKIInference:
         self.inference_data = self._to_arviz(
             problem,
             run,
-            lambda u: steps.pointwise_log_likelihood(u, data),
             {
                 "scheduler": repr(scheduler),
                 "chain_meaning": _CHAIN_MEANING[self.method],
@@ -553,6 +563,18 @@ class EKIInference:
                 records["num_failed"].append(failed_np.sum(axis=1))
                 records["forward_evaluations"].append(evaluations.copy())
                 records["wall_time"].append(np.full(num_chains, time.perf_counter() - start))
+                try:
+                    _processes.check_divergence(
+                        records["misfit_mean"],
+                        problem.data_dim,
+                        iteration,
+                        active=~was_done,
+                        chain_ids=chain_ids,
+                        hint=_divergence_hint(self.method, scheduler),
+                    )
+                except _processes.EnsembleDivergenceError:
+                    self._keep_partial(records, path, num_chains)
+                    raise
                 if checkpoint is not None:
                     checkpoint.save_progress(
                         group,
@@ -680,6 +702,7 @@ class EKIInference:
         self.history = result.history
         self.log_evidence = result.log_evidence
         self._final_state = result.state
+        _warn_about_smc_failures(result.history.num_failed, result.forward_evaluations)
         transform = jax.jit(problem.prior_transform)
         outputs = jnp.asarray(result.outputs)
         run = _ChainRun(
@@ -702,7 +725,6 @@ class EKIInference:
         self.inference_data = self._to_arviz(
             problem,
             run,
-            jax.jit(problem.pointwise_log_likelihood),
             {
                 "num_stages": int(result.history.t.shape[1]),
                 "num_particles": int(num),
@@ -718,20 +740,16 @@ class EKIInference:
     # ------------------------------------------------------------------ SMC end
 
     # ------------------------------------------------------------------ output
-    def _to_arviz(self, problem, run, pointwise_log_likelihood, attrs):
+    def _to_arviz(self, problem, run, attrs):
         """The ArviZ object of a finished run (any method): ``run`` carries per-chain
         values, outputs, failures, noise draws and the initial draws; the pointwise
-        log-likelihood is computed from the outputs when every observed site is a Normal
-        and by ``pointwise_log_likelihood(u)`` otherwise."""
+        log-likelihood is computed from the outputs and Γ, with no further forward run."""
         y = problem.observations
         residual = run.outputs - y
         misfit = np.asarray(problem.noise.misfit(jnp.where(jnp.isfinite(residual), residual, 0)))
         misfit = np.where(np.asarray(run.failed), np.nan, misfit)
         predictive = problem.unflatten_observations(run.outputs + run.noise_draws)
-        if all(site.family == "Normal" for site in problem.observed_sites):
-            log_lik = _normal_pointwise_log_likelihood(problem, run.outputs)
-        else:  # multivariate sites: per-event densities need the model's distributions
-            log_lik = pointwise_log_likelihood(run.samples_u)
+        log_lik = problem.pointwise_log_likelihood_from_outputs(run.outputs)
 
         dims = {}
         for site in (*problem.latent_sites, *problem.deterministic_sites, *problem.observed_sites):
@@ -817,6 +835,21 @@ def _data_digest(problem) -> str:
     )
 
 
+def _divergence_hint(method: str, scheduler) -> str:
+    """What to do about a diverged ensemble, for the error's message."""
+    if method == "eks":
+        return (
+            f" EKS's drift is explicit, so it is stable only for steps small against the "
+            f"data misfit's scale, which {type(scheduler).__name__}'s are not here; "
+            "EKSStableScheduler (the default for EKS: Δt = 0.1 / (‖D‖_F + nugget)) keeps "
+            "them so."
+        )
+    return (
+        f" Smaller steps than {type(scheduler).__name__}'s (a smaller DefaultScheduler dt, "
+        "or the DataMisfitController) keep the update stable."
+    )
+
+
 def _with_simulator_errors(error, executor):
     """Adds the black-box simulator's first error message, when there is one."""
     errors = getattr(executor, "last_errors", None) or {}
@@ -826,6 +859,28 @@ def _with_simulator_errors(error, executor):
     richer = type(error)(f"{error} First simulator error (member {member}): {text}")
     richer.__dict__.update(error.__dict__)  # e.g. SMCError's partial history
     return richer
+
+
+def _warn_about_smc_failures(num_failed, forward_evaluations) -> None:
+    """Warns where any of an SMC run's forward runs failed, as EKI and EKS do for their
+    members (run_smc itself warns where most of a stage's runs fail): SMC gives a failed
+    point zero density, so the draws follow the posterior restricted to the region where
+    the forward map works, which is the posterior only if the failures lie where it has
+    no mass."""
+    num_failed = np.asarray(num_failed)
+    if not (num_failed.size and num_failed.max() > 0):
+        return
+    chain, stage = np.unravel_index(np.argmax(num_failed), num_failed.shape)
+    warn(
+        "SMC: the forward map failed (non-finite output, or a prior whose parameters left "
+        f"their range there) for {int(num_failed.sum())} of the run's "
+        f"{int(np.sum(forward_evaluations))} forward runs (at most {int(num_failed.max())} "
+        f"at a stage: stage {stage} of chain {chain}; history.num_failed has them all). "
+        "SMC gives a failed point zero density (a failed prior draw gets zero weight, a "
+        "failed proposal is rejected), so where the failures depend on the parameters the "
+        "draws follow the posterior restricted to the region where the forward map works.",
+        UserWarning,
+    )
 
 
 def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> None:
@@ -880,21 +935,6 @@ def _warn_about_failures(method: str, num_failed, points: int, final_failed) -> 
             "sample_stats.failed marks them.",
             UserWarning,
         )
-
-
-def _normal_pointwise_log_likelihood(problem, outputs):
-    """The pointwise log-likelihood (:meth:`InverseProblem.pointwise_log_likelihood`:
-    per event of each site's distribution, as NumPyro gives it) from the outputs already
-    computed, without running the model again: every observed site is a Normal, so its
-    block of Γ is diagonal and holds its variances, and a site's event dims are summed."""
-    variance = problem.noise.variances()
-    residual = problem.observations - outputs
-    log_density = -0.5 * (residual**2 / variance + jnp.log(2 * jnp.pi * variance))
-    per_element = problem.unflatten_observations(log_density)
-    return {
-        site.name: jnp.sum(per_element[site.name], axis=tuple(range(-site.density_ndim, 0)))
-        for site in problem.observed_sites
-    }
 
 
 class _ChainRun(NamedTuple):

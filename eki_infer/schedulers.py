@@ -306,8 +306,10 @@ def check_scheduler(method: str, scheduler: Scheduler, mode: str | None = None) 
         warn(
             "EKS with a DataMisfitController: the EKS/ALDI posterior is the long-time "
             "(equilibrium) limit of the dynamics, not the ensemble at T = "
-            f"{scheduler.terminate_at:g} where the controller stops. Use "
-            "EKSStableScheduler (the default for EKS) and run to equilibrium.",
+            f"{scheduler.terminate_at:g} where the controller stops; and its steps can be "
+            "too large for EKS's explicit drift, so that the ensemble diverges (an "
+            "EnsembleDivergenceError). Use EKSStableScheduler (the default for EKS) and run "
+            "to equilibrium.",
             UserWarning,
         )
     if method == "uki" and mode == "iterative" and isinstance(scheduler, DataMisfitController):

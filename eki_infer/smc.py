@@ -1116,6 +1116,7 @@ def check_options(
     max_stages: int = 200,
     *,
     names: dict | None = None,
+    given=None,
     **options,
 ) -> None:
     """Raises ``ValueError`` naming the option for any bad :func:`run_smc` tuning option
@@ -1125,7 +1126,11 @@ def check_options(
     can check its options when it is built. Counts must be integers (bools are not), the
     other options numbers. ``num_particles`` None: the default, chosen later
     (:func:`default_num_particles`). ``names`` renames ``num_particles``, ``num_chains``
-    and ``max_stages`` in the messages (an engine's own names for them)."""
+    and ``max_stages`` in the messages (an engine's own names for them). ``given``: the
+    names the caller set explicitly (an engine's ``smc_options``), each refused where its
+    variant does not read it; None (:func:`run_smc`, whose keywords always arrive with a
+    value) refuses only values other than the default, as a default is indistinguishable
+    from an option left out."""
     names = {"num_particles": "num_particles", **(names or {})}
     unknown = sorted(set(options) - set(TUNING_OPTIONS))
     if unknown:
@@ -1178,7 +1183,8 @@ def check_options(
         raise ValueError(f"need min_moves <= max_moves, got {o['min_moves']} and {o['max_moves']}.")
     for name, needs in _APPLIES_TO.items():
         unmet = {switch: needed for switch, needed in needs.items() if o[switch] != needed}
-        if name in options and o[name] != defaults[name] and unmet:
+        set_here = name in given if given is not None else o[name] != defaults[name]
+        if name in options and set_here and unmet:
             switch, needed = next(iter(unmet.items()))
             raise ValueError(
                 f"{name} applies only with {switch}={needed!r} (here {switch}={o[switch]!r}, "

@@ -30,7 +30,6 @@ class CompiledSteps(NamedTuple):
         -> (states, sched_states, dt, (misfit_mean, misfit_sd))
     transform_and_forward(u (chains, n, d), data) -> (values, outputs)
     prior_transform(u (chains, n, d), data) -> values
-    pointwise_log_likelihood(u (chains, n, d), data) -> {site: array}
     """
 
     init: object
@@ -38,7 +37,6 @@ class CompiledSteps(NamedTuple):
     advance: object
     transform_and_forward: object
     prior_transform: object
-    pointwise_log_likelihood: object
 
 
 def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:
@@ -89,5 +87,4 @@ def compile_steps(problem, process, scheduler, rebuild) -> CompiledSteps:
         advance=jax.jit(advance),
         transform_and_forward=over_chains("transform_and_forward"),
         prior_transform=over_chains("prior_transform"),
-        pointwise_log_likelihood=over_chains("pointwise_log_likelihood"),
     )

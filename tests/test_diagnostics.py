@@ -10,6 +10,7 @@ import pytest
 from _black_box_models import decay_numpy, make_model, observations
 
 from eki_infer import EKIInference
+from eki_infer.convert import group
 from eki_infer.diagnostics import gaussian_approximation_check
 from eki_infer.executors import ThreadExecutor
 
@@ -76,9 +77,12 @@ def test_smc_runs_are_refused():
     """A Gaussian fitted to SMC's draws says nothing about SMC (on eight schools it called
     an accurate run poor), so the check names the methods it is for."""
     smc = EKIInference(linear_model, "smc", ensemble_size=100, progress_bar=False)
-    smc.run(jax.random.PRNGKey(0), y=DATA)
-    with pytest.raises(ValueError, match="for EKI, EKS and UKI runs, not method='smc'"):
+    idata = smc.run(jax.random.PRNGKey(0), y=DATA)
+    with pytest.raises(ValueError, match="for EKI, EKS and UKI runs, not method='smc'") as err:
         gaussian_approximation_check(smc)
+    # it points at the group that holds SMC's diagnostics, which sample_stats does not
+    assert "ensemble_history" in str(err.value)
+    assert "ess" in group(idata, "ensemble_history")
 
 
 class CountingExecutor(ThreadExecutor):

@@ -180,3 +180,59 @@ def test_run_with_fewer_than_two_successes_raises():
         run_process(
             eki(8), DataMisfitController(), PROBLEM, jax.random.PRNGKey(0), forward=all_but_one_fail
         )
+
+
+def test_a_diverging_ensemble_raises_naming_the_scheduler():
+    """EKS under the data-misfit controller on a small linear problem: the controller's
+    steps are too large for EKS's explicit drift and the mean misfit grows 4-14× per
+    iteration (47 → 173 → 2270 → 3.2e4 → 4.6e5 on this key). Before, the run went on
+    for 179 iterations until the ensemble overflowed and the error blamed the forward
+    map, or (with PRNGKey(1)) returned the diverged ensemble."""
+    import warnings
+
+    import numpyro
+    import numpyro.distributions as dist
+
+    from eki_infer import EKIInference, EnsembleDivergenceError
+
+    design = np.random.default_rng(0).normal(size=(6, 2))
+
+    def model(y=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.sample("y", dist.Normal(design @ theta, 0.3).to_event(1), obs=y)
+
+    y = design @ np.array([0.5, -1.0]) + 0.3 * np.random.default_rng(1).normal(size=6)
+    engine = EKIInference(
+        model, "eks", ensemble_size=50, scheduler=DataMisfitController(), progress_bar=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # EKS with a DataMisfitController
+        with pytest.raises(EnsembleDivergenceError) as err:
+            engine.run(jax.random.PRNGKey(0), y=y)
+    message = str(err.value)
+    for fragment in (
+        "Iteration 4",
+        "diverged in chain(s) 0",
+        "DataMisfitController",
+        "EKSStableScheduler",
+    ):
+        assert fragment in message, message
+    assert isinstance(err.value, EnsembleFailureError)
+    misfit = engine.history.misfit_mean[0]  # kept for diagnosis
+    assert misfit[-1] > 1000 * misfit[0]
+    # the default scheduler keeps the same problem stable, and it does not raise
+    stable = EKIInference(model, "eks", ensemble_size=50, progress_bar=False)
+    stable.run(jax.random.PRNGKey(0), y=y)
+    assert np.max(stable.history.misfit_mean) < 10 * stable.history.misfit_mean[0, 0]
+
+
+def test_divergence_is_measured_against_the_prior_ensemble_and_the_data_size():
+    from eki_infer.processes import EnsembleDivergenceError, check_divergence
+
+    rows = [np.array([2.0, 2.0, 50.0]), np.array([1.0, 1.5e4, 4.0e4])]
+    # chain 1: 1.5e4 > 1000 × max(2, M = 10); chain 2: 4e4 < 1000 × 50; chain 0 fine
+    with pytest.raises(EnsembleDivergenceError, match=r"chain\(s\) 7: .* 1\.5e\+04 \(chain 7\)"):
+        check_divergence(rows, 10, 3, active=np.ones(3, bool), chain_ids=[6, 7, 8])
+    check_divergence(rows, 10, 3, active=np.array([True, False, True]))  # chain 1 is done
+    check_divergence(rows, 20, 3, active=np.ones(3, bool))  # M = 20: the limit is 2e4
+    check_divergence(rows[:1], 10, 0, active=np.ones(3, bool))  # nothing to compare yet

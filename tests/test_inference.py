@@ -493,8 +493,20 @@ def test_uki_failed_sigma_points_are_warned_about():
         engine.run(jax.random.PRNGKey(0), y=0.3 + 0.5 * x)
 
 
-@pytest.mark.parametrize("method", ["eki", "eks", "uki"])
-def test_every_simulator_call_is_accounted_for(method):
+@pytest.mark.parametrize(
+    ("method", "likelihood"),
+    [
+        ("eki", "normal"),
+        ("eks", "normal"),
+        ("uki", "normal"),
+        ("smc", "normal"),
+        # a multivariate site's log_likelihood group comes from the outputs too: before,
+        # it ran the simulator once more per draw, uncounted
+        ("eki", "mvn"),
+        ("smc", "mvn"),
+    ],
+)
+def test_every_simulator_call_is_accounted_for(method, likelihood):
     """forward_runs (every run the method made) + tracing_evaluations (the tracer's
     probe) = the simulator calls actually made; forward_evaluations (the updates') and
     predictive_evaluations (the final draws') are parts of forward_runs."""
@@ -511,11 +523,17 @@ def test_every_simulator_call_is_accounted_for(method):
 
     def model(y=None):
         rate = numpyro.sample("rate", dist.LogNormal(0.0, 0.5))
-        numpyro.sample("y", dist.Normal(simulator(rate), 0.05).to_event(1), obs=y)
+        if likelihood == "normal":
+            numpyro.sample("y", dist.Normal(simulator(rate), 0.05).to_event(1), obs=y)
+        else:
+            cov = 0.05**2 * (np.eye(6) + 0.3 * np.eye(6, k=1) + 0.3 * np.eye(6, k=-1))
+            numpyro.sample("y", dist.MultivariateNormal(simulator(rate), cov), obs=y)
 
     options = {"progress_bar": False, "max_iterations": 4}
     if method == "uki":
         options["num_samples"] = 30
+    elif method == "smc":
+        options["ensemble_size"] = 40
     else:
         options["ensemble_size"] = 20
     engine = EKIInference(model, method, num_chains=2, **options)
@@ -527,7 +545,9 @@ def test_every_simulator_call_is_accounted_for(method):
     assert attrs["forward_runs"] + attrs["tracing_evaluations"] == len(calls)
     used = attrs["forward_evaluations"] + attrs["predictive_evaluations"]
     assert used <= attrs["forward_runs"]
-    if method != "uki":  # UKI's last sigma points are evaluated but drive no update
+    # UKI's last sigma points are evaluated but drive no update; SMC's batches carry
+    # chains that are already done
+    if method in ("eki", "eks"):
         assert used == attrs["forward_runs"]
 
 

@@ -369,6 +369,32 @@ def test_failures_get_zero_weight_and_clear_error():
         run_smc(most, jax.random.PRNGKey(0), 200, 1)
 
 
+def test_a_minority_of_failed_forward_runs_warns_through_the_engine():
+    """EKI and EKS warn for any failed member; SMC, which gives a failed point zero
+    density, warns too, naming the count, since its posterior is then restricted to
+    where the forward map works. A run without failures does not."""
+    import warnings
+
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(fail_above, y=None):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        g = jnp.where(theta > fail_above, jnp.nan, theta) * jnp.ones(3)
+        numpyro.sample("y", dist.Normal(g, 0.5), obs=y)
+
+    y = jnp.array([0.1, -0.2, 0.3])
+    engine = EKIInference(model, "smc", ensemble_size=200, progress_bar=False)
+    with pytest.warns(UserWarning, match=r"SMC: the forward map failed .* of the run's \d+"):
+        engine.run(jax.random.PRNGKey(0), 1.5, y=y)  # P(theta > 1.5) = 6.7 % of the prior
+    assert engine.history.num_failed.sum() > 0
+    assert np.all(group(engine.inference_data, "posterior")["theta"].values <= 1.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="SMC: the forward map failed")
+        engine.run(jax.random.PRNGKey(0), 50.0, y=y)
+    assert engine.history.num_failed.sum() == 0
+
+
 def _linear_problem():
     args, y = linear_gaussian.simulate_data(jax.random.PRNGKey(0))
     return args, y, trace_model(linear_gaussian.model, *args, y=y)
@@ -615,6 +641,25 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
             {"smc_options": {"schedule": "dmc", "ess_target": 0.5}},
             r"ess_target applies only with schedule='ess'",
         ),
+        # ... also at their default values: an engine's smc_options are all explicit
+        (
+            {"smc_options": {"waste_free": False, "chain_length": 10}},
+            r"chain_length applies only with waste_free=True",
+        ),
+        (
+            {"smc_options": {"schedule": "dmc", "ess_target": 0.3}},
+            r"ess_target applies only with schedule='ess'",
+        ),
+        (
+            {"smc_options": {"transport": False, "transport_ess": 0.8}},
+            r"transport_ess applies only with transport=True",
+        ),
+        # the engine's own arguments
+        (
+            {"smc_options": {"num_particles": 100}},
+            r"smc_options\['num_particles'\] .* ensemble_size",
+        ),
+        ({"smc_options": {"num_chains": 2}}, r"smc_options\['num_chains'\] .* num_chains"),
         ({"scheduler": DataMisfitController()}, r"scheduler does not apply to method='smc'"),
         ({"keep_path": True}, r"keep_path does not apply to method='smc'"),
     ],
@@ -622,6 +667,11 @@ def test_chain_zero_does_not_depend_on_the_number_of_chains(linear):
 def test_smc_options_are_checked_when_the_engine_is_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EKIInference(linear_gaussian.model, "smc", ensemble_size=200, **kwargs)
+
+
+def test_smc_options_must_be_a_mapping():
+    with pytest.raises(TypeError, match=r"smc_options must be a dict .* got str"):
+        EKIInference(linear_gaussian.model, "smc", smc_options="dmc")
 
 
 def test_a_bad_particle_count_blames_the_engine_option_not_smc_options():

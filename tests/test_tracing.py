@@ -242,6 +242,25 @@ def test_pointwise_log_likelihood_is_per_event_as_numpyro_gives_it():
             np.testing.assert_allclose(ours[site], value, rtol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pointwise_log_likelihood_from_outputs_needs_no_model_run(name):
+    """The run's outputs and Γ give the same per-event log-likelihood as the model's own
+    distributions (every family, plates of multivariate events, .to_event), so the
+    ArviZ log_likelihood group costs no second forward run; failed outputs give NaN."""
+    problem = traced(name)
+    U = jax.random.normal(jax.random.PRNGKey(4), (2, 3, problem.dim))
+    expected = problem.pointwise_log_likelihood(U)
+    outputs = problem.forward(U)
+    ours = problem.pointwise_log_likelihood_from_outputs(outputs)
+    assert set(ours) == set(expected)
+    for site, value in expected.items():
+        assert ours[site].shape == value.shape, site
+        np.testing.assert_allclose(ours[site], value, rtol=1e-10, atol=1e-10, err_msg=name)
+    failed = problem.pointwise_log_likelihood_from_outputs(outputs.at[0, 1].set(jnp.nan))
+    for site in failed.values():
+        assert np.all(np.isnan(site[0, 1])) and np.all(np.isfinite(site[1]))
+
+
 def test_sites_dims_and_unflatten():
     problem = traced("batched")
     assert problem.dim == 1 and problem.data_dim == 6 + 6 + 1

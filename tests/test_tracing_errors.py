@@ -449,6 +449,10 @@ def test_non_numeric_data_is_refused_before_compiling():
         numpyro.sample("y", dist.Normal(a, 1.0).expand([3]), obs=y)
 
     _raises(model, y=np.array(["1", "2", "3"]), site="y", match=("non-numeric data",))
+    # a scalar string has shape (), so a shape check first would call it a broadcast
+    message = _raises(model, y="abc", site="y", match=("non-numeric data",))
+    assert "broadcast" not in message
+    _raises(model, y=np.array([True, False, True]), site="y", match=("dtype bool",))
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,11 @@ members, whitened output space, 1/n covariance normalisation, J × J algebra, fa
 redraws, and Δt = 0 as a no-op)."""
 
 from eki_infer.processes.base import (
+    EnsembleDivergenceError,
     EnsembleFailureError,
     EnsembleProcess,
     EnsembleState,
+    check_divergence,
     check_failures,
     detect_failures,
 )
@@ -24,10 +26,12 @@ from eki_infer.processes.uki import (
 __all__ = [
     "EKI_VARIANTS",
     "UKI_MODES",
+    "EnsembleDivergenceError",
     "EnsembleFailureError",
     "EnsembleProcess",
     "EnsembleState",
     "UKIState",
+    "check_divergence",
     "check_failures",
     "detect_failures",
     "eki",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
@@ -80,6 +81,27 @@ class GaussianSite(NamedTuple):
         base = _base(fn)
         obs = jnp.broadcast_to(obs, self.shape)
         per_base_event = jnp.broadcast_to(base.log_prob(obs), self.batch_shape)
+        extra = self.density_ndim - self.event_ndim  # axes reinterpreted by .to_event
+        return jnp.sum(per_base_event, axis=tuple(range(-extra, 0))) if extra else per_base_event
+
+    def log_density_from_residual(self, noise, residual):
+        """What :meth:`pointwise_log_likelihood` gives, from the site's residual
+        y − G(u), shape ``(..., size)``, and its block of Γ (:meth:`noise`) instead of
+        the model's distribution: a run's outputs already hold the means, so the
+        log-likelihood of its draws needs no second forward run (a black-box simulator
+        would be called again, once per draw)."""
+        lead = residual.shape[:-1]
+        if self.family == "Normal":
+            variance = noise.variances()
+            per_base_event = -0.5 * (residual**2 / variance + jnp.log(2 * jnp.pi * variance))
+        elif isinstance(noise, EventBlocksNoise):  # a plate of multivariate events
+            events = residual.reshape(*lead, noise.num_events, noise.event_size)
+            per_base_event = jax.vmap(
+                lambda block, r: block.log_prob(r), in_axes=(0, -2), out_axes=-1
+            )(noise.blocks, events)
+        else:  # one multivariate event
+            per_base_event = noise.log_prob(residual)
+        per_base_event = per_base_event.reshape(*lead, *self.batch_shape)
         extra = self.density_ndim - self.event_ndim  # axes reinterpreted by .to_event
         return jnp.sum(per_base_event, axis=tuple(range(-extra, 0))) if extra else per_base_event
 
@@ -188,10 +210,7 @@ class GaussianSite(NamedTuple):
     def check_data(self, name, data):
         """Raises for non-finite or non-numeric data."""
         data = np.asarray(data)
-        if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
-            raise ModelTracingError(
-                f"observed site '{name}' has non-numeric data of dtype {data.dtype}.", name
-            )
+        _check_numeric(name, data.dtype)
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         if bad:
             raise ModelTracingError(
@@ -199,6 +218,14 @@ class GaussianSite(NamedTuple):
                 f"data; {_MASK_HINT}.",
                 name,
             )
+
+
+def _check_numeric(name, dtype):
+    """Raises for data of a non-numeric (or complex) dtype: strings, objects, booleans."""
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ModelTracingError(
+            f"observed site '{name}' has non-numeric data of dtype {dtype}.", name
+        )
 
 
 def _base(fn):
@@ -252,6 +279,8 @@ def analyse_observation(name, fn, obs, sample_shape=()) -> GaussianSite:
             "parameter to a value, use numpyro.handlers.substitute rather than condition.)",
             name,
         )
+    # before the shapes: a string's shape () would otherwise be reported as a broadcast
+    _check_numeric(name, obs.dtype if hasattr(obs, "dtype") else np.asarray(obs).dtype)
     fn_shape = tuple(sample_shape) + tuple(fn.shape())
     obs_shape = tuple(np.shape(obs))
     try:

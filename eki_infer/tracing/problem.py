@@ -350,6 +350,9 @@ class InverseProblem:
     observations: jax.Array
     noise: Noise
     _gaussian: tuple[GaussianSite, ...] = dataclasses.field(repr=False, default=())
+    # each observed site's block of Γ, in order (``noise`` is their block diagonal, with
+    # diagonal blocks merged): the per-event log-likelihood from outputs needs them
+    site_noises: tuple[Noise, ...] = dataclasses.field(repr=False, default=())
     # the model evaluated at the tracer's fixed probe points (latent values, noise and
     # data exactly; outputs to a relative 1e-6): what the model computes, not only its
     # structure, so that a checkpoint written for other priors, noise or simulator is
@@ -435,6 +438,17 @@ class InverseProblem:
             }
 
         return self._batched(f, u)
+
+    def pointwise_log_likelihood_from_outputs(self, outputs):
+        """outputs G(u) (..., M) -> what :meth:`pointwise_log_likelihood` gives at those
+        points, without running the model again (non-finite outputs give NaN)."""
+        residual = self.observations - jnp.asarray(outputs)
+        return {
+            site.name: g.log_density_from_residual(noise, residual[..., site.start : site.stop])
+            for site, g, noise in zip(
+                self.observed_sites, self._gaussian, self.site_noises, strict=True
+            )
+        }
 
     def log_likelihood(self, u):
         """u (d,) -> log N(y; G(u), Γ), the total Gaussian log-likelihood."""
@@ -600,13 +614,15 @@ def trace_model(model, *args, **kwargs) -> InverseProblem:
         g.check_noise(site.name, params)
         ys.append(np.broadcast_to(np.asarray(x, dtype=float), g.shape).reshape(-1))
     dtype = jnp.result_type(float)
-    noise = block_diagonal([g.noise(p) for g, p in zip(gaussian, noise_params, strict=True)])
+    site_noises = tuple(g.noise(p) for g, p in zip(gaussian, noise_params, strict=True))
+    noise = block_diagonal(site_noises)
     y_all = np.concatenate(ys)
     _warn_about_float32_resolution(observed_sites, y_all, probe_signature.outputs, noise, dtype)
     return dataclasses.replace(
         draft,
         observations=jnp.asarray(y_all, dtype=dtype),
         noise=noise,
+        site_noises=site_noises,
         probe_signature=probe_signature,
     )
 
