@@ -427,7 +427,7 @@ def report(config, digits, sun, total):
         f"{config['batch']}, {config['epochs']} epochs for every method. EKI variants: "
         f"J = {config['ensemble']}, h = 1, ε = 1e-8, γ = 1 re-spreading at the start of "
         "every epoch after the first for the (R) variants (which also restarts the "
-        "momentum), Nesterov λ_k = k/(k+3) for MEKI. SGD/MSGD learning rates "
+        "momentum), Nesterov λ_k = (k−1)/(k+2) for MEKI. SGD/MSGD learning rates "
         "from a grid on a validation split (MSGD momentum 0.9).",
         "",
         "### Test accuracy at matched epochs",

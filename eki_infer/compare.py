@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from eki_infer.user_warnings import warn
+
 __all__ = [
     "Comparison",
     "MethodRun",
@@ -59,10 +61,17 @@ def wasserstein_1d(x, y) -> float:
     W1 = ∫ |F_x(t) − F_y(t)| dt, computed on the merged sorted sample (equal to the
     quantile form ∫₀¹ |F_x⁻¹(q) − F_y⁻¹(q)| dq in one dimension).
     """
-    x = np.sort(np.asarray(x, dtype=np.float64).ravel())
-    y = np.sort(np.asarray(y, dtype=np.float64).ravel())
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or y.ndim != 1:
+        raise ValueError(
+            f"wasserstein_1d compares two 1-D samples, got shapes {x.shape} and {y.shape} "
+            "(compare one parameter at a time, or use energy_distance for the joint)."
+        )
     if x.size == 0 or y.size == 0:
         raise ValueError("wasserstein_1d needs two non-empty samples.")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("wasserstein_1d: the samples hold NaN or inf values.")
+    x, y = np.sort(x), np.sort(y)
     merged = np.sort(np.concatenate([x, y]))
     widths = np.diff(merged)
     cdf_x = np.searchsorted(x, merged[:-1], side="right") / x.size
@@ -108,8 +117,22 @@ def energy_distance(x, y, scale=None, max_points: int | None = 2000, seed: int =
     y = y[:, None] if y.ndim == 1 else y
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"energy_distance: incompatible shapes {x.shape} and {y.shape}.")
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(
+            f"energy_distance needs at least two points per sample, got shapes {x.shape} "
+            f"and {y.shape}."
+        )
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("energy_distance: the samples hold NaN or inf values.")
+    if max_points is not None and (isinstance(max_points, bool) or int(max_points) < 2):
+        raise ValueError(f"max_points must be None or at least 2, got {max_points!r}.")
     if scale is not None:
         scale = np.asarray(scale, dtype=np.float64)
+        if scale.shape not in ((), (x.shape[1],)) or not np.all(np.isfinite(scale) & (scale > 0)):
+            raise ValueError(
+                f"energy_distance: scale must be positive and finite, of shape "
+                f"({x.shape[1]},), got shape {scale.shape}."
+            )
         x, y = x / scale, y / scale
     rng = np.random.default_rng(seed)
     x = _subsample(x, max_points, rng)
@@ -143,7 +166,7 @@ def flatten_samples(samples: Mapping[str, Any], sites: Sequence[str] | None = No
                 f"site {site!r} has {values.shape[0]} draws, earlier sites have {num_draws}."
             )
         event_shape = values.shape[1:]
-        columns.append(values.reshape(values.shape[0], -1))
+        columns.append(values.reshape(values.shape[0], math.prod(values.shape[1:])))
         if event_shape == ():
             names.append(site)
         else:
@@ -381,8 +404,8 @@ class Comparison:
             rows = self.marginal[method].values()
             cost = self.cost[method]
             out[method] = {
-                "max_abs_mean_error": max(abs(r["mean_error"]) for r in rows),
-                "max_abs_sd_ratio_minus_1": max(abs(r["sd_ratio"] - 1.0) for r in rows),
+                "max_abs_mean_error": _worst(r["mean_error"] for r in rows),
+                "max_abs_sd_ratio_minus_1": _worst(r["sd_ratio"] - 1.0 for r in rows),
                 "mean_w1_sd": float(np.mean([r["w1_sd"] for r in rows])),
                 "energy_distance": self.joint[method],
                 **cost,
@@ -499,6 +522,24 @@ def _jsonable(obj):
 # --------------------------------------------------------------------------- compare
 
 
+def _worst(values) -> float:
+    """max |value|, NaN if any value is NaN (Python's max would skip it by position)."""
+    return float(np.max(np.abs(np.fromiter(values, dtype=float))))
+
+
+def _in_sds(value: float, sd: float, target: float = 0.0) -> float:
+    """(value − target) / sd; for a reference sd of 0 (a constant), 0 where value equals
+    the target and ±inf elsewhere, instead of dividing by a stand-in sd."""
+    if sd > 0:
+        return float((value - target) / sd)
+    return 0.0 if value == target else math.copysign(math.inf, value - target)
+
+
+def _constant_ratio(sd: float) -> float:
+    """The sd ratio against a constant reference: 1 for a constant, inf otherwise."""
+    return 1.0 if sd == 0 else math.inf
+
+
 def _marginal(x: np.ndarray, ref: np.ndarray, ref_sd: np.ndarray) -> dict:
     out = {}
     mean, sd = x.mean(axis=0), x.std(axis=0, ddof=1)
@@ -508,12 +549,34 @@ def _marginal(x: np.ndarray, ref: np.ndarray, ref_sd: np.ndarray) -> dict:
         out[j] = {
             "mean": float(mean[j]),
             "sd": float(sd[j]),
-            "mean_error": float((mean[j] - ref_mean[j]) / ref_sd[j]),
-            "sd_ratio": float(sd[j] / ref_sd[j]),
+            "mean_error": _in_sds(mean[j], ref_sd[j], ref_mean[j]),
+            "sd_ratio": float(sd[j] / ref_sd[j]) if ref_sd[j] > 0 else _constant_ratio(sd[j]),
             "w1": w1,
-            "w1_sd": w1 / float(ref_sd[j]),
+            "w1_sd": _in_sds(w1, ref_sd[j]),
         }
     return out
+
+
+def _finite_draws(name: str, names, draws: np.ndarray) -> np.ndarray:
+    """The draws without rows holding NaN or inf (an EKI/EKS member whose forward run
+    failed keeps NaN deterministic sites), with a warning naming the method and the
+    parameters; at least 2 must remain."""
+    finite = np.all(np.isfinite(draws), axis=1)
+    if not finite.all():
+        columns = [names[j] for j in np.flatnonzero(~np.all(np.isfinite(draws), axis=0))]
+        shown = ", ".join(columns[:5]) + (", ..." if len(columns) > 5 else "")
+        warn(
+            f"compare: {int((~finite).sum())} of {draws.shape[0]} draws of {name!r} hold "
+            f"NaN or inf (in {shown}) and are left out of the comparison.",
+            UserWarning,
+        )
+        draws = draws[finite]
+    if draws.shape[0] < 2:
+        raise ValueError(
+            f"{name!r} has {draws.shape[0]} finite draw(s) of the compared sites; at least "
+            "2 are needed for its sds."
+        )
+    return draws
 
 
 def _common_sites(reference: MethodRun, runs: dict) -> list:
@@ -569,6 +632,12 @@ def compare(
             replacement; the marginal measures use all draws).
         seed: seed of that subsampling.
 
+    Draws holding NaN or inf (an EKI or EKS member whose forward run failed keeps NaN
+    deterministic sites) are left out, with a warning naming the result and the
+    parameters; every result needs 2 finite draws, the reference 4. A parameter that is
+    constant in the reference is scored 0 (mean error, W1) and 1 (sd ratio) where the
+    result matches it and ±inf where it does not.
+
     Returns:
         A :class:`Comparison` (``to_markdown()``, ``to_dict()``, ``plot()``).
     """
@@ -608,13 +677,14 @@ def compare(
     for name, run in {reference_name: ref_run, **runs}.items():
         _check_sites(name, run.samples, ref_run.samples, site_list)
     names, ref_draws = flatten_samples(ref_run.samples, site_list)
+    ref_draws = _finite_draws(reference_name, names, ref_draws)
     if ref_draws.shape[0] < 4:
         raise ValueError(
             f"the reference {reference_name!r} has {ref_draws.shape[0]} draws; it needs at "
             "least 4 (its two halves give the comparison's noise floor)."
         )
     ref_sd = ref_draws.std(axis=0, ddof=1)
-    ref_sd = np.where(ref_sd > 0, ref_sd, 1.0)
+    unit = np.where(ref_sd > 0, ref_sd, 1.0)  # the energy distance's scale: constants as is
     ref_mean = ref_draws.mean(axis=0)
 
     draws = {reference_name: ref_draws}
@@ -622,10 +692,11 @@ def compare(
     ref_evals = ref_run.evaluations
     for name, run in runs.items():
         _, x = flatten_samples(run.samples, site_list)
+        x = _finite_draws(name, names, x)
         draws[name] = x
         per_param = _marginal(x, ref_draws, ref_sd)
         marginal[name] = {names[j]: per_param[j] for j in range(len(names))}
-        joint[name] = energy_distance(x, ref_draws, ref_sd, max_points, seed)
+        joint[name] = energy_distance(x, ref_draws, unit, max_points, seed)
         cost[name] = _cost(run, ref_evals)
         if run.note:
             notes[name] = run.note
@@ -637,10 +708,10 @@ def compare(
     first, second = ref_draws[:half], ref_draws[half : 2 * half]
     floor = _marginal(first, second, ref_sd)
     noise_floor = {
-        "max_abs_mean_error": max(abs(r["mean_error"]) for r in floor.values()),
-        "max_abs_sd_ratio_minus_1": max(abs(r["sd_ratio"] - 1.0) for r in floor.values()),
+        "max_abs_mean_error": _worst(r["mean_error"] for r in floor.values()),
+        "max_abs_sd_ratio_minus_1": _worst(r["sd_ratio"] - 1.0 for r in floor.values()),
         "mean_w1_sd": float(np.mean([r["w1_sd"] for r in floor.values()])),
-        "energy_distance": energy_distance(first, second, ref_sd, max_points, seed),
+        "energy_distance": energy_distance(first, second, unit, max_points, seed),
     }
     return Comparison(
         reference=reference_name,

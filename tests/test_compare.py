@@ -297,6 +297,63 @@ def test_mismatched_or_missing_sites_are_named():
         compare(results={"run": result}, reference={"a": rng.normal(size=3)})
 
 
+def test_non_finite_draws_are_left_out_with_a_warning_naming_the_site():
+    """A failed EKI member keeps NaN in its deterministic sites. Python's max skipped a
+    NaN by position, so the summary's worst columns could hide such a parameter."""
+    rng = np.random.default_rng(7)
+    reference = {"a": rng.normal(size=1000), "z": rng.normal(size=1000)}
+    z = rng.normal(size=500)
+    z[3] = np.nan
+    method = {"a": 0.5 + rng.normal(size=500), "z": z}
+    for sites in (["a", "z"], ["z", "a"]):
+        with pytest.warns(UserWarning, match=r"1 of 500 draws of 'run' hold NaN or inf \(in z\)"):
+            comp = compare(results={"run": method}, reference=reference, sites=sites)
+        summary = comp.summary()["run"]
+        assert np.isfinite(summary["energy_distance"]) and np.isfinite(summary["mean_w1_sd"])
+        kept = np.delete(method["a"], 3)  # the draw whose z is NaN goes as a whole
+        expected = abs(np.mean(kept) - np.mean(reference["a"])) / np.std(reference["a"], ddof=1)
+        assert summary["max_abs_mean_error"] == pytest.approx(expected, rel=1e-12)
+        assert comp.draws["run"].shape == (499, 2)
+    with pytest.raises(ValueError, match=r"'run' has 1 finite draw\(s\)"):
+        compare(results={"run": {"a": np.array([0.3])}}, reference={"a": rng.normal(size=50)})
+    with pytest.raises(ValueError, match=r"'run' has 0 finite draw"):
+        compare(results={"run": {"a": np.zeros(0)}}, reference={"a": rng.normal(size=50)})
+
+
+def test_a_constant_parameter_is_matched_not_scored_against_a_stand_in_sd():
+    rng = np.random.default_rng(8)
+    reference = {"a": rng.normal(size=400), "c": np.ones(400)}
+    same = compare(
+        results={"run": {"a": rng.normal(size=300), "c": np.ones(300)}}, reference=reference
+    )
+    c = same.marginal["run"]["c"]
+    assert (c["mean_error"], c["sd_ratio"], c["w1_sd"]) == (0.0, 1.0, 0.0)
+    assert same.reference_moments["c"]["sd"] == 0.0
+    off = compare(
+        results={"run": {"a": rng.normal(size=300), "c": 1.0 + rng.normal(size=300)}},
+        reference=reference,
+    )
+    assert off.marginal["run"]["c"]["sd_ratio"] == math.inf
+
+
+def test_distances_check_their_input():
+    x, y = np.random.default_rng(9).normal(size=(2, 50, 3))
+    with pytest.raises(ValueError, match=r"1-D samples, got shapes \(50, 3\)"):
+        wasserstein_1d(x, y)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        wasserstein_1d(np.array([0.0, np.nan]), np.zeros(3))
+    with pytest.raises(ValueError, match="at least two points per sample"):
+        energy_distance(np.zeros((0, 2)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="max_points must be None or at least 2"):
+        energy_distance(x, y, max_points=0)
+    with pytest.raises(ValueError, match=r"scale must be positive and finite, of shape \(3,\)"):
+        energy_distance(x, y, scale=np.ones(2))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        energy_distance(x, y, scale=np.array([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        energy_distance(x, np.where(y > 2, np.nan, y))
+
+
 def test_sequential_chains_report_their_summed_wall_time():
     """With chain_method='sequential' each chain keeps its own clock: the engine and its
     ArviZ object report the same seconds, the sum over chains."""

@@ -85,6 +85,21 @@ def test_smc_runs_are_refused():
     assert "ess" in group(idata, "ensemble_history")
 
 
+def test_bad_arguments_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"takes the EKIInference engine .* got dict"):
+        gaussian_approximation_check({})
+    engine = EKIInference(linear_model, "uki", progress_bar=False)
+    with pytest.raises(RuntimeError, match="call run"):
+        gaussian_approximation_check(engine)
+    engine.run(jax.random.PRNGKey(0), y=DATA)
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\], got None"):
+        gaussian_approximation_check(engine, threshold=None)
+    with pytest.raises(ValueError, match="max_value_shift must be a number > 0, got 'x'"):
+        gaussian_approximation_check(engine, max_value_shift="x")
+    check = gaussian_approximation_check(engine, num_draws=50, threshold=np.float32(0.3))
+    assert check.threshold == pytest.approx(0.3)
+
+
 class CountingExecutor(ThreadExecutor):
     def __init__(self, workers):
         super().__init__(workers)

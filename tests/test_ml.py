@@ -221,7 +221,8 @@ def test_momentum_step_by_hand(momentum):
     u1 = np.asarray(state.previous)
     u2 = np.asarray(state.particles)
     state, info = kernel.step(None, state, forward, None, y)  # n = 2, checked by hand
-    lam = 2 / 5 if momentum == "nesterov" else 0.9  # n/(n+3) at n = 2
+    # (n − 1)/(n + 2) at n = 2: the slides' v_{n+1} = u_{n+1} + n/(n+3)(u_{n+1} − u_n)
+    lam = 1 / 4 if momentum == "nesterov" else 0.9
     v = u2 + lam * (u2 - u1)
     expected, step = _dense_step(v, v @ np.asarray(a), y, 0.5)
     np.testing.assert_allclose(state.particles, expected, atol=1e-12)
@@ -275,9 +276,8 @@ def test_respread_schedule_and_kernel():
     np.testing.assert_allclose(state.previous, spread, atol=1e-12)
     assert int(state.momentum_iteration) == 1
     u3 = np.asarray(state.particles)
-    state, _ = kernel.step(key, state, forward, None, y)  # n = 3: λ = 1/(1 + 3)
-    v = u3 + 0.25 * (u3 - spread)
-    np.testing.assert_allclose(state.particles, _dense_step(v, v @ a_np, y, 0.5)[0], atol=1e-12)
+    state, _ = kernel.step(key, state, forward, None, y)  # n = 3: λ = (k − 1)/(k + 2) = 0
+    np.testing.assert_allclose(state.particles, _dense_step(u3, u3 @ a_np, y, 0.5)[0], atol=1e-12)
 
 
 def test_invalid_options():
@@ -463,6 +463,100 @@ def test_online_eki_learns_a_stream():
     scores_b = b.update_many(xs[:6], ys[:6])
     np.testing.assert_allclose(scores_a, scores_b, rtol=1e-10)
     np.testing.assert_allclose(a.particles, b.particles, rtol=1e-10)
+
+
+def test_online_eki_update_checks_its_batch_and_keeps_a_finite_state():
+    """update took NaN data (and then every particle was NaN for good), empty batches
+    and mismatched lengths (an unnamed broadcasting error); it now checks the batch as
+    update_many does, and a step that turns the ensemble non-finite raises and keeps
+    the state from before it."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 3))
+    y = x @ jnp.array([1.0, -2.0, 0.5])
+
+    def forward(particles, x):  # non-finite where an input is beyond 100
+        return jnp.where(jnp.abs(x).max() > 100.0, jnp.nan, 1.0) * (particles @ x.T)
+
+    particles = jax.random.normal(jax.random.PRNGKey(2), (30, 3))
+    online = OnlineEKI(
+        eki_ml("squared_error", h=0.5),
+        forward,
+        particles,
+        jax.random.PRNGKey(3),
+        score="squared_error",
+    )
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        online.update(x.at[0, 0].set(jnp.nan), y)
+    with pytest.raises(ValueError, match="x and y hold no examples"):
+        online.update(x[:0], y[:0])
+    with pytest.raises(ValueError, match="same number of examples"):
+        online.update(x, y[:4])
+    np.testing.assert_array_equal(online.particles, particles)
+    online.update(x, y)
+    before = np.asarray(online.particles)
+    with pytest.raises(FloatingPointError, match="OnlineEKI update 1 made the ensemble"):
+        online.update(x.at[0, 0].set(1e3), y)
+    np.testing.assert_array_equal(online.particles, before)
+    assert online.count == 1
+
+
+def test_nesterov_coefficients_are_the_slides():
+    """Kovachki & Stuart: v_{n+1} = u_{n+1} + n/(n+3)(u_{n+1} − u_n), v_0 = u_0, so
+    λ_n = (n − 1)/(n + 2) against v_n: 0, 0, 1/4, 2/5, 1/2."""
+    u, previous = jnp.ones((2, 1)), jnp.zeros((2, 1))
+    lams = [float(momentum_point(u, previous, n, "nesterov")[0, 0]) - 1.0 for n in range(5)]
+    np.testing.assert_allclose(lams, [0.0, 0.0, 1 / 4, 2 / 5, 1 / 2], atol=1e-15)
+
+
+def test_training_input_checks_name_the_option():
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 3))
+    y = x @ jnp.ones(3)
+    forward = _linear_forward(jnp.ones((3, 6)))
+    particles = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+    kernel = eki_ml("squared_error")
+    with pytest.raises(ValueError, match="x and y hold no examples"):
+        fit(jax.random.PRNGKey(0), kernel, forward, particles, x[:0], y[:0], epochs=1)
+    with pytest.raises(TypeError, match="respread must be None or a schedule"):
+        eki_ml("squared_error", respread=1.0)
+    for kwargs, name in (
+        ({"gamma0": -1.0}, "gamma0"),
+        ({"gamma0": float("nan")}, "gamma0"),
+        ({"half_life": 0}, "half_life"),
+        ({"half_life": -1.0}, "half_life"),
+        ({"every": 0}, "every"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            respread_schedule(**kwargs)
+
+    def apply(params, x):
+        return x @ params["w"]
+
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        fit_pytree(jax.random.PRNGKey(0), apply, params, x, y, "squared_error", batch_size=0)
+    with pytest.raises(ValueError, match="y contains NaN"):
+        fit_pytree(
+            jax.random.PRNGKey(0),
+            apply,
+            params,
+            x,
+            y,
+            "squared_error",
+            select_on=(x, y.at[0].set(jnp.nan)),
+        )
+
+
+def test_eki_optimizer_stops_on_a_non_finite_ensemble():
+    """A Poisson rate that overflows: EKIOptimizer returned NaN parameters silently."""
+    x = jnp.linspace(0.0, 1000.0, 20)
+
+    def model(x, y=None):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Poisson(jnp.exp(w * x) * 1e30).to_event(1), obs=y)
+
+    with pytest.raises(FloatingPointError, match="EKIOptimizer: the ensemble became non-finite"):
+        EKIOptimizer(model, ensemble_size=10, num_steps=5).run(
+            jax.random.PRNGKey(0), x, y=jnp.ones(20)
+        )
 
 
 # ------------------------------------------------------------------- NumPyro models

@@ -256,6 +256,14 @@ class EKIOptimizer:
             return final, losses, steps, final_losses
 
         final, losses, steps, final_losses = optimise(k_steps, particles)
+        if not (bool(jnp.all(jnp.isfinite(final))) and bool(jnp.any(jnp.isfinite(final_losses)))):
+            bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(losses)), axis=1))
+            where = f"from step {int(bad[0])} (of {self.num_steps})" if bad.size else "at the end"
+            raise FloatingPointError(
+                f"EKIOptimizer: the ensemble became non-finite (member losses non-finite "
+                f"{where}). Check the model's output scale and the "
+                "likelihood there, or lower h."
+            )
         best = int(jnp.argmin(final_losses))
         values = jax.jit(lambda u: run(u)[0])
         self.result = EKIOptimizerResult(

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from eki_infer.ml.losses import get_loss, member_losses
-from eki_infer.ml.training import eki_ml, fit, respread_schedule
+from eki_infer.ml.training import check_training_data, eki_ml, fit, respread_schedule
 from eki_infer.validation import check_count
 
 __all__ = [
@@ -104,7 +104,10 @@ class PyTreeFit(NamedTuple):
         particles: the final ensemble, ``(J, d)``.
         unravel: maps a ``(d,)`` vector back to a PyTree.
         history: per-epoch history (see :class:`eki_infer.ml.training.FitResult`).
-        state: the final :class:`~eki_infer.ml.training.EKIMLState` (to resume).
+        state: the final :class:`~eki_infer.ml.training.EKIMLState` (particles, the
+            previous ensemble and the counters; fit_pytree starts afresh, so to go on
+            training pass it as ``state`` to :func:`~eki_infer.ml.training.fit` with the
+            same kernel).
     """
 
     params: object
@@ -168,6 +171,13 @@ def fit_pytree(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
     check_count("ensemble_size", ensemble_size, 2)
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size)
+    check_training_data(x, y)
+    if select_on is not None:
+        if not (isinstance(select_on, tuple | list) and len(select_on) == 2):
+            raise ValueError("select_on must be a pair (x_sel, y_sel).")
+        check_training_data(*select_on)
     loss = get_loss(loss)
     k_init, k_fit = jax.random.split(rng_key)
     particles, scale, unravel = initial_ensemble(k_init, params, ensemble_size, prior_scale)

@@ -32,9 +32,10 @@ Two forms of the step:
 Extensions, each exactly as in the equations:
 
 - **Nesterov momentum**: v_n = u_n + λ_n (u_n − u_{n−1}), u_{n+1} = v_n − h_n D(v_n) v_n,
-  with λ_n = n/(n + 3) (ALGORITHMS.md; v_0 = u_0) or a constant λ. The slides' index
-  convention, v_{n+1} = u_{n+1} + n/(n+3)(u_{n+1} − u_n), is the same recursion shifted
-  by one (λ_n = (n − 1)/(n + 2)).
+  with λ_n = (n − 1)/(n + 2) (λ_0 = λ_1 = 0; v_0 = u_0) or a constant λ. That is the
+  slides' v_{n+1} = u_{n+1} + n/(n+3)(u_{n+1} − u_n) written for v_n, and the classical
+  Nesterov coefficient; ALGORITHMS.md §7 writes n/(n + 3) against v_n, which would be
+  one step more momentum at every step (0, 1/4, 2/5 where the slides have 0, 0, 1/4).
 - **Mini-batches**: ``step`` takes whatever batch it is given; :func:`fit` draws a fresh
   batch every step (a new random permutation each epoch).
 - **Re-spreading** (the (R) variants): before the steps γ(n) > 0 selects,
@@ -202,13 +203,14 @@ def loss_eki_update(
 
 
 def momentum_point(u, previous, iteration, momentum):
-    """v_n = u_n + λ_n (u_n − u_{n−1}): λ_n = n/(n + 3) for ``"nesterov"``, the constant
-    for a float, 0 for ``None``."""
+    """v_n = u_n + λ_n (u_n − u_{n−1}): λ_n = (n − 1)/(n + 2) (0 for n ≤ 1) for
+    ``"nesterov"`` (Kovachki & Stuart's v_{n+1} = u_{n+1} + n/(n+3)(u_{n+1} − u_n)), the
+    constant for a float, 0 for ``None``."""
     if momentum is None:
         return u
     if momentum == "nesterov":
         n = jnp.asarray(iteration, dtype=u.dtype)
-        lam = n / (n + 3.0)
+        lam = jnp.maximum(n - 1.0, 0.0) / (n + 2.0)
     else:
         lam = jnp.asarray(momentum, dtype=u.dtype)
     return u + lam * (u - previous)
@@ -246,9 +248,11 @@ def respread_schedule(gamma0: float = 1.0, every: int = 1, half_life: float | No
     updates since the last re-spread. A decaying γ (``half_life`` in steps) is
     available; on digits it was no better than the constant.
     """
+    check_number("gamma0", gamma0, positive=True)
+    check_count("every", every)
     every = int(every)
-    if every < 1:
-        raise ValueError(f"every must be a positive integer, got {every}.")
+    if half_life is not None:
+        check_number("half_life", half_life, positive=True)
 
     def gamma(n):
         n = jnp.asarray(n)
@@ -273,7 +277,7 @@ class EKIMLState(NamedTuple):
             ensemble right after a re-spread), shape ``(J, d)``.
         iteration: n, an integer scalar.
         momentum_iteration: steps since the start or the last re-spread: the k in the
-            Nesterov coefficient λ_k = k/(k + 3).
+            Nesterov coefficient λ_k = (k − 1)/(k + 2).
     """
 
     particles: jax.Array
@@ -329,7 +333,7 @@ def eki_ml(
         h: step parameter of h_n = h / (‖D‖_F + ε). Since each member then moves by at
             most about h times the ensemble spread, h = 1 is a natural scale (default).
         eps: ε (default 1e-8; it only guards against D = 0).
-        momentum: ``None``, ``"nesterov"`` (λ_n = n/(n+3)) or a constant λ ∈ [0, 1).
+        momentum: ``None``, ``"nesterov"`` (λ_n = (n−1)/(n+2)) or a constant λ ∈ [0, 1).
             Without re-spreading (which restarts it) momentum can make the ensemble
             spread grow without bound on small networks; lower ``h`` if it does.
         respread: ``None`` or a schedule n ↦ γ(n) (:func:`respread_schedule`); γ(n) > 0
@@ -348,6 +352,11 @@ def eki_ml(
             raise ValueError(f"momentum must be None, 'nesterov' or in [0, 1), got {momentum!r}.")
     check_number("h", h, positive=True)
     check_number("eps", eps, positive=False)
+    if respread is not None and not callable(respread):
+        raise TypeError(
+            "respread must be None or a schedule n -> γ(n) such as respread_schedule(1.0), "
+            f"got {type(respread).__name__} {respread!r}."
+        )
     scale = np.asarray(prior_scale, dtype=float)
     if not (np.all(np.isfinite(scale)) and np.all(scale >= 0)):
         raise ValueError(
@@ -543,11 +552,17 @@ def check_training_data(x, y) -> int:
             + ", ".join(f"{k}: {v}" for k, v in lengths.items())
             + "."
         )
+    count = next(iter(lengths.values()))
+    if count is None or count == 0:
+        raise ValueError(
+            "x and y hold no examples (their leading axis, the examples', has length "
+            f"{count if count is not None else 'none: scalars'})."
+        )
     for name, tree in (("x", x), ("y", y)):
         for leaf in inexact_leaves(tree):
             if not bool(jnp.all(jnp.isfinite(leaf))):
                 raise ValueError(f"{name} contains NaN or inf: drop or impute those examples.")
-    return int(next(iter(lengths.values())))
+    return int(count)
 
 
 # ------------------------------------------------------------------------- predictions
@@ -622,9 +637,19 @@ class OnlineEKI:
 
     def update(self, x, y):
         """One step on a new batch; returns the mean particle's loss on it *before* the
-        update."""
+        update. The batch is checked as :meth:`update_many`'s stream is (lengths, no
+        examples, NaN); a step that leaves the ensemble non-finite raises
+        ``FloatingPointError`` and keeps the state from before it."""
+        check_training_data(x, y)
         key = jax.random.fold_in(self.rng_key, self.count)
-        self.state, (before, _) = self._one(self.state, (key, x, y))
+        state, (before, _) = self._one(self.state, (key, x, y))
+        if not bool(jnp.all(jnp.isfinite(state.particles))):
+            raise FloatingPointError(
+                f"OnlineEKI update {self.count} made the ensemble non-finite (the loss on "
+                f"this batch before it: {float(before):.3g}); the state from before it is "
+                "kept. Check the forward map and the loss on this batch, or lower h."
+            )
+        self.state = state
         self.count += 1
         return float(before)
 
