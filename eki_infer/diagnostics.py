@@ -54,7 +54,7 @@ from eki_infer.blas_threads import limited_blas_threads
 from eki_infer.executors import using_executor
 from eki_infer.keys import check_rng_key
 from eki_infer.user_warnings import warn
-from eki_infer.validation import check_count
+from eki_infer.validation import check_count, is_real_scalar
 
 __all__ = ["GaussianCheck", "gaussian_approximation_check"]
 
@@ -174,14 +174,6 @@ def _value_shifts(problem, values, w, ok):
     return shift.max(axis=-1), tuple(labels[i] for i in worst)
 
 
-def _real(value) -> bool:
-    """A real scalar (Python, NumPy or JAX; bools, strings and None are not)."""
-    if isinstance(value, str | bool | np.bool_) or np.ndim(value) != 0:
-        return False
-    dtype = np.asarray(value).dtype
-    return np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
-
-
 def gaussian_approximation_check(
     engine,
     rng_key=None,
@@ -214,9 +206,9 @@ def gaussian_approximation_check(
     rng_key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     check_rng_key(rng_key)
     check_count("num_draws", num_draws, minimum=2)
-    if not _real(threshold) or not 0.0 < float(threshold) <= 1.0:
+    if not is_real_scalar(threshold) or not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}.")
-    if not _real(max_value_shift) or not float(max_value_shift) > 0.0:
+    if not is_real_scalar(max_value_shift) or not float(max_value_shift) > 0.0:
         raise ValueError(f"max_value_shift must be a number > 0, got {max_value_shift!r}.")
     from eki_infer.inference import EKIInference
 

@@ -517,6 +517,7 @@ class EKIInference:
         bar = _progress(self.progress_bar, self.max_iterations, label)
         if bar is not None and first_iteration:
             bar.update(first_iteration)
+        divergence_hint = _divergence_hint(self.method, scheduler)
         try:
             for iteration in range(first_iteration, self.max_iterations + 1):
                 was_done = np.asarray(sched_states.done)
@@ -570,7 +571,7 @@ class EKIInference:
                         iteration,
                         active=~was_done,
                         chain_ids=chain_ids,
-                        hint=_divergence_hint(self.method, scheduler),
+                        hint=divergence_hint,
                     )
                 except _processes.EnsembleDivergenceError:
                     self._keep_partial(records, path, num_chains)

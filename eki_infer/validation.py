@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_count", "check_flag", "check_number"]
+__all__ = ["check_count", "check_flag", "check_number", "is_real_scalar"]
 
 
 def _scalar_of(value, kind: str) -> bool:
@@ -24,6 +24,12 @@ def _scalar_of(value, kind: str) -> bool:
     if kind == "i":
         return np.issubdtype(dtype, np.integer)
     return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+
+
+def is_real_scalar(value) -> bool:
+    """Whether ``value`` is a real Python, NumPy or JAX scalar (bools, strings and None
+    are not): for checks whose message is their own."""
+    return not isinstance(value, str) and _scalar_of(value, "f")
 
 
 def check_count(
@@ -51,7 +57,7 @@ def check_flag(name: str, value) -> None:
 def check_number(name: str, value, positive: bool) -> None:
     """Raises a ValueError naming ``name`` unless ``value`` is a finite number, > 0 when
     ``positive`` else ≥ 0."""
-    ok = not isinstance(value, str) and _scalar_of(value, "f")
-    if not ok or not np.isfinite(value) or (value <= 0 if positive else value < 0):
+    not_finite_number = not is_real_scalar(value) or not np.isfinite(value)
+    if not_finite_number or (value <= 0 if positive else value < 0):
         bound = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be a finite {bound} number, got {value!r}.")

@@ -173,7 +173,7 @@ def fit_pytree(
     check_count("ensemble_size", ensemble_size, 2)
     check_count("epochs", epochs)
     check_count("batch_size", batch_size)
-    check_training_data(x, y)
+    n = check_training_data(x, y)
     if select_on is not None:
         if not (isinstance(select_on, tuple | list) and len(select_on) == 2):
             raise ValueError("select_on must be a pair (x_sel, y_sel).")
@@ -182,7 +182,6 @@ def fit_pytree(
     k_init, k_fit = jax.random.split(rng_key)
     particles, scale, unravel = initial_ensemble(k_init, params, ensemble_size, prior_scale)
     forward = ensemble_forward(apply_fn, unravel)
-    n = int(jax.tree_util.tree_leaves(x)[0].shape[0])
     steps_per_epoch = max(n // min(int(batch_size), n), 1)
     if momentum is None and variant.startswith("meki"):
         momentum = "nesterov"
