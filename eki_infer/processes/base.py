@@ -143,6 +143,7 @@ class EnsembleDivergenceError(EnsembleFailureError):
 #: six reference models (data seeds 0-2, EKI, EKS and UKI with their default schedulers)
 #: the largest ratio over a run was 1.94 (EKS on eight schools); EKS under the
 #: data-misfit controller on a 6-datum linear problem passed it by iteration 4
+#: (``benchmarks/divergence_margin.py``)
 DIVERGENCE_FACTOR = 1000.0
 
 
